@@ -1,0 +1,1 @@
+"""The platform: command line, search orchestration with Ray Tune, MLflow tracking and registry."""

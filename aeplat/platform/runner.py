@@ -1,0 +1,361 @@
+"""The part of a search that needs Ray and MLflow. Imported only after the environment is set."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import ray
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from aeplat.data import DatasetSplits
+from aeplat.platform.progress import SearchProgress, best_trials_table
+from aeplat.platform.registry import log_error_map_model, register_model
+from aeplat.platform.search import (
+    OPTIMIZED_METRIC,
+    SCHEDULER_METRIC,
+    SearchError,
+    SearchOutcome,
+    library_versions,
+)
+from aeplat.platform.settings import SearchSettings
+from aeplat.platform.tracking import (
+    SEARCH_RUN_TAG,
+    TRIAL_ID_TAG,
+    MlflowTrialCallback,
+    get_or_create_experiment,
+    log_params,
+)
+from aeplat.platform.trainable import TrialData, load_best_weights, run_trial, training_config
+from aeplat.search_spaces import SearchSpace
+from aeplat.trainers import ErrorMapModel, Trainer, image_metrics, resolve_device
+
+logger = logging.getLogger(__name__)
+
+_TRIAL_COLUMNS = (
+    "trial_id",
+    "status",
+    "epoch",
+    "best_val_auc",
+    "val_auc",
+    "val_ap",
+    "train_loss",
+    "error",
+)
+
+
+def run(
+    settings: SearchSettings,
+    space: SearchSpace,
+    splits: DatasetSplits,
+    cache_key: str,
+    tracking_uri: str,
+    console: Any = None,
+) -> SearchOutcome:
+    """Run the trials of a search inside one MLflow parent run and register the best model."""
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    experiment_id = get_or_create_experiment(client, settings.experiment_name)
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={"aeplat.kind": "search", "dataset": settings.dataset, "modality": settings.modality},
+    )
+    parent_id = parent.info.run_id
+    outcome = SearchOutcome(parent_run_id=parent_id, experiment_id=experiment_id, tracking_uri=tracking_uri, trials=[])
+    logger.info("MLflow parent run %s in experiment %r (%s).", parent_id, settings.experiment_name, tracking_uri)
+
+    try:
+        _log_search_inputs(client, parent_id, settings, space, splits, cache_key)
+        results = _run_trials(settings, space, splits, tracking_uri, experiment_id, parent_id, console)
+        outcome.trials = _trial_rows(results, space, settings.epochs)
+        _log_trial_table(client, parent_id, outcome.trials)
+        _finish_with_best_trial(client, settings, space, splits, results, outcome)
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        client.set_tag(parent_id, "aeplat.failure_reason", f"{type(error).__name__}: {error}"[:5000])
+        client.set_terminated(parent_id, status)
+        raise
+
+    client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FINISHED))
+    if console is not None:
+        console.print(best_trials_table(outcome.trials))
+    return outcome
+
+
+def _log_search_inputs(
+    client: MlflowClient,
+    parent_id: str,
+    settings: SearchSettings,
+    space: SearchSpace,
+    splits: DatasetSplits,
+    cache_key: str,
+) -> None:
+    summary = splits.summary()
+    params: dict[str, Any] = {f"search.{key}": value for key, value in settings.as_params().items()}
+    params["data.cache_key"] = cache_key
+    for name, part in summary.items():
+        params[f"split.{name}.patients"] = len(part["patients"])
+        params[f"split.{name}.normal"] = part["normal"]
+        params[f"split.{name}.abnormal"] = part["abnormal"]
+    for name, described in space.describe()["parameters"].items():
+        params[f"space.{name}"] = json.dumps(described)
+    for name, value in library_versions().items():
+        params[f"version.{name}"] = value
+    log_params(client, parent_id, params)
+
+    client.log_dict(parent_id, summary, "split.json")
+    client.log_dict(parent_id, space.describe(), "search_space.json")
+
+
+def _start_ray(settings: SearchSettings) -> bool:
+    """Connect to --ray-address, or start an embedded local Ray. Return True if Ray was started here."""
+    if ray.is_initialized():
+        return False
+
+    address = settings.ray_address or None
+    if address:
+        logger.info("Connecting to the Ray cluster at %s.", address)
+        ray.init(address=address, log_to_driver=False)
+        return True
+
+    logger.info("Starting an embedded Ray on 127.0.0.1.")
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def _run_trials(
+    settings: SearchSettings,
+    space: SearchSpace,
+    splits: DatasetSplits,
+    tracking_uri: str,
+    experiment_id: str,
+    parent_id: str,
+    console: Any,
+) -> tune.ResultGrid:
+    data = TrialData(
+        train_images=splits.train.images,
+        validation_images=splits.validation.images,
+        validation_labels=splits.validation.labels,
+        image_size=settings.image_size,
+        epochs=settings.epochs,
+        seed=settings.seed,
+        cpus_per_trial=settings.cpus_per_trial,
+        gpus_per_trial=settings.gpus_per_trial,
+        device=settings.device,
+        space=space,
+    )
+    searcher = OptunaSearch(
+        space=space,
+        metric=OPTIMIZED_METRIC,
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=settings.seed, multivariate=True),
+    )
+    scheduler = ASHAScheduler(
+        metric=SCHEDULER_METRIC,
+        mode="max",
+        time_attr="training_iteration",
+        max_t=settings.epochs,
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
+    mlflow_callback = MlflowTrialCallback(
+        tracking_uri, experiment_id, parent_id, space.training_values, max_epochs=settings.epochs
+    )
+    progress = SearchProgress(settings.trials, console=console)
+
+    started_ray = _start_ray(settings)
+    # with_parameters puts the arrays in Ray's object store once; every trial reads them from there.
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data=data),
+        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
+            scheduler=scheduler,
+            num_samples=settings.trials,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{settings.registered_model_name}-{parent_id[:8]}",
+            storage_path=str(Path(settings.storage).resolve()),
+            callbacks=[mlflow_callback, progress],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            verbose=0,
+        ),
+    )
+
+    progress.start()
+    try:
+        return tuner.fit()
+    finally:
+        progress.stop()
+        if started_ray:
+            ray.shutdown()
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _trial_rows(results: tune.ResultGrid, space: SearchSpace, max_epochs: int) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        row: dict[str, Any] = {
+            "trial_id": metrics.get("trial_id", Path(result.path).name.removeprefix("trial_")),
+            "status": _trial_status(result, max_epochs),
+            "error": _short_error(result.error),
+        }
+        row.update(space.training_values(config))
+        row.update({key: metrics.get(key) for key in _TRIAL_COLUMNS if key not in row})
+        rows.append(row)
+    return rows
+
+
+def _trial_status(result: tune.Result, max_epochs: int) -> str:
+    if result.error is not None:
+        return "failed"
+    if int((result.metrics or {}).get("epoch", 0)) < max_epochs:
+        return "stopped early"
+    return "finished"
+
+
+def _short_error(error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(error).__name__
+
+
+def _log_trial_table(client: MlflowClient, parent_id: str, rows: list[dict[str, Any]]) -> None:
+    with tempfile.TemporaryDirectory(prefix="aeplat-trials-") as folder:
+        path = Path(folder) / "trials.csv"
+        pd.DataFrame(rows).to_csv(path, index=False)
+        client.log_artifact(parent_id, str(path))
+
+    failed = sum(1 for row in rows if row["status"] == "failed")
+    client.log_metric(parent_id, "trials_finished", len(rows) - failed)
+    client.log_metric(parent_id, "trials_failed", failed)
+
+
+def _best_result(results: tune.ResultGrid) -> tune.Result | None:
+    """Return the successful trial with the highest best validation AUC. Failed trials never win."""
+    candidates = [
+        result
+        for result in results
+        if result.error is None
+        and result.checkpoint is not None
+        and math.isfinite(float((result.metrics or {}).get(OPTIMIZED_METRIC, float("nan"))))
+    ]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda result: result.metrics[OPTIMIZED_METRIC])
+
+
+def _find_child_run(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str) -> str:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SEARCH_RUN_TAG}` = '{parent_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+        max_results=1,
+    )
+    if not runs:
+        raise SearchError(f"No MLflow child run found for trial {trial_id} of search run {parent_id}.")
+    return runs[0].info.run_id
+
+
+def _finish_with_best_trial(
+    client: MlflowClient,
+    settings: SearchSettings,
+    space: SearchSpace,
+    splits: DatasetSplits,
+    results: tune.ResultGrid,
+    outcome: SearchOutcome,
+) -> None:
+    """Score the best trial once on the test split, log its model and register it."""
+    best = _best_result(results)
+    if best is None:
+        reasons = sorted({row["error"] for row in outcome.trials if row["error"]})
+        raise SearchError(
+            f"All {len(outcome.trials)} trials failed, so no model was registered. Reasons: {reasons[:5]}. "
+            "Check the trials' failure_reason tags in MLflow; a lower --search-space learning rate range "
+            "often helps when losses diverge."
+        )
+
+    trial_id = best.metrics["trial_id"]
+    best_val_auc = float(best.metrics[OPTIMIZED_METRIC])
+    weights, _ = load_best_weights(best.checkpoint)
+    trainer = _trainer_with_weights(settings, space, best.config, weights)
+
+    scores = trainer.score(splits.test.images)
+    test_metrics = image_metrics(splits.test.labels, scores)
+    logger.info("Best trial %s: validation AUC %.4f, test AUC %.4f, test AP %.4f.", trial_id, best_val_auc, test_metrics["auc"], test_metrics["ap"])
+
+    parent_id = outcome.parent_run_id
+    client.log_metric(parent_id, "best_val_auc", best_val_auc)
+    client.log_metric(parent_id, "test_auc", test_metrics["auc"])
+    client.log_metric(parent_id, "test_ap", test_metrics["ap"])
+
+    child_run_id = _find_child_run(client, outcome.experiment_id, parent_id, trial_id)
+    client.set_tag(parent_id, "best_trial_id", trial_id)
+    client.set_tag(parent_id, "best_run_id", child_run_id)
+    log_params(client, parent_id, {f"best.{key}": value for key, value in space.training_values(best.config).items()})
+
+    example = splits.validation.images[:2]
+    model_uri = log_error_map_model(child_run_id, ErrorMapModel(trainer.model.cpu()).eval(), example)
+    values = space.training_values(best.config)
+    registration = register_model(
+        client,
+        settings.registered_model_name,
+        model_uri,
+        child_run_id,
+        tags={
+            "dataset": settings.dataset,
+            "modality": settings.modality,
+            "model": values.get("model", "ae"),
+            "latent_dim": values.get("latent_dim"),
+            "entropy_weight": values.get("entropy_weight"),
+            "image_size": settings.image_size,
+            "val_auc": f"{best_val_auc:.6f}",
+            "test_auc": f"{test_metrics['auc']:.6f}",
+            "test_ap": f"{test_metrics['ap']:.6f}",
+            "search_run_id": parent_id,
+            "trial_id": trial_id,
+        },
+        val_auc=best_val_auc,
+    )
+    client.set_tag(parent_id, "registered_model", f"{registration.model_name}/{registration.version}")
+    client.set_tag(parent_id, "champion", str(registration.is_champion).lower())
+
+    outcome.best_trial_id = trial_id
+    outcome.best_val_auc = best_val_auc
+    outcome.test_metrics = {"auc": float(test_metrics["auc"]), "ap": float(test_metrics["ap"])}
+    outcome.registered_version = registration.version
+    outcome.is_champion = registration.is_champion
+
+
+def _trainer_with_weights(
+    settings: SearchSettings, space: SearchSpace, config: dict[str, Any], weights: dict[str, Any]
+) -> Trainer:
+    device = resolve_device(settings.device)
+    trainer = Trainer(training_config(config, space, settings.seed), image_size=settings.image_size, device=device)
+    trainer.model.load_state_dict(weights)
+    return trainer

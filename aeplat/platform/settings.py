@@ -1,0 +1,89 @@
+"""Settings of one search, resolved from the command line and the environment."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aeplat.data.brats import BRATS_MODALITIES
+
+DATASETS = ("brats",)
+
+
+class SettingsError(ValueError):
+    """A search setting is invalid; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything `aeplat search` needs. Defaults match the command-line defaults."""
+
+    dataset: str
+    data_dir: Path
+    modality: str = "flair"
+    image_size: int = 64
+    trials: int = 20
+    max_concurrent: int = 2
+    epochs: int = 30
+    grace_period: int = 5
+    reduction_factor: int = 3
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    seed: int = 0
+    validation_fraction: float = 0.2
+    test_fraction: float = 0.2
+    max_train_images: int | None = None
+    ray_address: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    storage: Path = field(default_factory=lambda: Path("aeplat-runs"))
+    cache_dir: Path | None = None
+    search_space: Path | None = None
+    max_failures: int = 0
+    device: str = "auto"
+
+    @property
+    def registered_model_name(self) -> str:
+        return f"{self.dataset}-{self.modality}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or f"aeplat-{self.registered_model_name}"
+
+    def validate(self) -> None:
+        """Raise SettingsError for the first invalid option, naming it and the allowed values."""
+        if self.dataset not in DATASETS:
+            raise SettingsError(f"--dataset {self.dataset!r} is not supported; choose one of: {', '.join(DATASETS)}.")
+        if self.modality not in BRATS_MODALITIES:
+            raise SettingsError(f"--modality {self.modality!r} is not a BraTS modality; choose one of: {', '.join(BRATS_MODALITIES)}.")
+
+        _require(self.trials >= 1, f"--trials must be at least 1, got {self.trials}.")
+        _require(self.max_concurrent >= 1, f"--max-concurrent must be at least 1, got {self.max_concurrent}.")
+        _require(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}.")
+        _require(
+            1 <= self.grace_period <= self.epochs,
+            f"--grace-period must lie in [1, --epochs={self.epochs}], got {self.grace_period}.",
+        )
+        _require(self.reduction_factor >= 2, f"--reduction-factor must be at least 2, got {self.reduction_factor}.")
+        _require(self.cpus_per_trial > 0, f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}.")
+        _require(self.gpus_per_trial >= 0, f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}.")
+        _require(
+            self.gpus_per_trial <= 1 or float(self.gpus_per_trial).is_integer(),
+            f"--gpus-per-trial above 1 must be a whole number, got {self.gpus_per_trial}.",
+        )
+        _require(self.max_failures >= 0, f"--max-failures must be >= 0, got {self.max_failures}.")
+        _require(
+            self.max_train_images is None or self.max_train_images >= 2,
+            f"--max-train-images must be at least 2, got {self.max_train_images}.",
+        )
+        _require(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
+
+    def as_params(self) -> dict[str, Any]:
+        """Return the settings as flat strings for MLflow params."""
+        return {key: "" if value is None else str(value) for key, value in asdict(self).items()}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SettingsError(message)

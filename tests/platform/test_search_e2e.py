@@ -1,0 +1,197 @@
+"""`aeplat search` end to end: real BraTS scans, real Ray, real MLflow, run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from aeplat.deploy import load_error_map_model, score_images
+
+CASES = ("BraTS2021_00006", "Brats18_2013_3_1", "Brats18_CBICA_ABM_1")
+TRIALS = 3
+
+
+@pytest.fixture(scope="module")
+def brats_subset(brats_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Three real BraTS cases linked into a fresh folder, and a cache shared by this module's searches."""
+    work = tmp_path_factory.mktemp("brats-subset")
+    data_dir = work / "brats"
+    data_dir.mkdir()
+    for case in CASES:
+        (data_dir / case).symlink_to(brats_dir / case, target_is_directory=True)
+    return {"data_dir": data_dir, "cache_dir": work / "cache"}
+
+
+def _run_search(work: Path, subset: dict, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "aeplat.platform.cli", "search",
+        "--dataset", "brats", "--data-dir", str(subset["data_dir"]), "--modality", "flair",
+        "--image-size", "32", "--epochs", "3", "--grace-period", "1", "--max-concurrent", "2",
+        "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
+        "--cache-dir", str(subset["cache_dir"]), "--storage", str(work / "runs"),
+        *extra,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600, env={**os.environ})
+
+
+@pytest.fixture(scope="module")
+def search_run(brats_subset: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run one tiny search on three real cases and return where it wrote."""
+    work = tmp_path_factory.mktemp("search")
+
+    completed = _run_search(work, brats_subset, "--trials", str(TRIALS))
+
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return {"work": work, "tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "output": completed.stderr}
+
+
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _search_runs(client: MlflowClient) -> tuple:
+    experiment = client.get_experiment_by_name("aeplat-brats-flair")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [run for run in runs if run.data.tags.get("aeplat.kind") == "search"]
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    return parents, children
+
+
+def test_search_creates_parent_and_child_runs(search_run: dict) -> None:
+    client = _client(search_run["tracking_uri"])
+
+    parents, children = _search_runs(client)
+
+    assert len(parents) == 1
+    assert parents[0].info.status == "FINISHED"
+    assert len(children) == TRIALS
+    assert all(child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for child in children)
+    assert all(child.info.status == "FINISHED" for child in children)
+
+
+def test_search_metrics_lie_in_unit_interval(search_run: dict) -> None:
+    client = _client(search_run["tracking_uri"])
+
+    parents, children = _search_runs(client)
+
+    parent_metrics = parents[0].data.metrics
+    for name in ("best_val_auc", "test_auc", "test_ap"):
+        assert 0.0 <= parent_metrics[name] <= 1.0, name
+    for child in children:
+        for name in ("val_auc", "val_ap", "best_val_auc"):
+            assert 0.0 <= child.data.metrics[name] <= 1.0, name
+
+
+def test_parent_run_logs_split_and_space(search_run: dict) -> None:
+    client = _client(search_run["tracking_uri"])
+
+    parent = _search_runs(client)[0][0]
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
+
+    assert {"split.json", "search_space.json", "trials.csv"} <= artifacts
+    assert parent.data.params["split.train.patients"] == "1"
+    assert parent.data.params["split.train.abnormal"] == "0"
+    assert parent.data.params["search.seed"] == "0"
+
+
+def test_champion_registered_and_tagged(search_run: dict) -> None:
+    client = _client(search_run["tracking_uri"])
+
+    version = client.get_model_version_by_alias("brats-flair", "champion")
+
+    assert version.tags["dataset"] == "brats"
+    assert version.tags["modality"] == "flair"
+    assert int(version.tags["latent_dim"]) in {1, 2, 4, 8, 16, 32, 64, 128}
+    assert 0.0 <= float(version.tags["val_auc"]) <= 1.0
+    assert 0.0 <= float(version.tags["test_auc"]) <= 1.0
+
+
+def test_champion_loads_and_scores_image(search_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
+    # mlflow.set_*_uri also export MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI, which later
+    # searches started from this process would inherit; monkeypatch restores both afterwards.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", search_run["tracking_uri"])
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", search_run["tracking_uri"])
+
+    mlflow.set_tracking_uri(search_run["tracking_uri"])
+    mlflow.set_registry_uri(search_run["tracking_uri"])
+    try:
+        model = load_error_map_model("models:/brats-flair@champion", dst_path=search_run["work"] / "download")
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    scores, error_maps = score_images(model, images)
+
+    assert scores.shape == (3,)
+    assert error_maps.shape == (3, 1, 32, 32)
+    assert np.all(np.isfinite(scores))
+    assert np.all(scores >= 0)
+
+
+def test_terminal_output_reports_result(search_run: dict) -> None:
+    output = search_run["output"]
+
+    assert "Search finished" in output
+    assert "brats-flair" in output
+    assert "Best trials" in output
+
+
+DIVERGING_SPACE = """
+dataset: brats
+parameters:
+  latent_dim: {type: power_of_two, low: 4, high: 16}
+  lr: {type: categorical, choices: [1.0e-3, 1.0e+12]}
+constants:
+  model: ae
+  hidden_dim: 256
+  entropy_weight: 0.0
+"""
+
+
+def test_diverged_trials_fail_and_search_goes_on(brats_subset: dict, tmp_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(DIVERGING_SPACE)
+
+    completed = _run_search(tmp_path, brats_subset, "--trials", "6", "--search-space", str(space))
+
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents, children = _search_runs(client)
+    failed = [child for child in children if child.info.status == "FAILED"]
+    finished = [child for child in children if child.info.status == "FINISHED"]
+    assert len(children) == 6
+    assert failed, "the lr=1e12 trials should have diverged"
+    assert finished, "the lr=1e-3 trials should have finished"
+    assert all(child.data.params["lr"] == "1000000000000.0" for child in failed)
+    assert all("TrainingDivergedError" in child.data.tags["aeplat.failure_reason"] for child in failed)
+    champion = client.get_model_version_by_alias("brats-flair", "champion")
+    assert champion.run_id in {child.info.run_id for child in finished}
+    assert parents[0].data.metrics["trials_failed"] == len(failed)
+
+
+def test_all_trials_failing_registers_nothing(brats_subset: dict, tmp_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(DIVERGING_SPACE.replace("[1.0e-3, 1.0e+12]", "[1.0e+12]"))
+
+    completed = _run_search(tmp_path, brats_subset, "--trials", "2", "--search-space", str(space))
+
+    assert completed.returncode == 2
+    assert "All 2 trials failed" in completed.stderr
+    client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents, _ = _search_runs(client)
+    assert parents[0].info.status == "FAILED"
+    assert client.search_registered_models() == []
+
+
+def test_second_search_reuses_cache(brats_subset: dict, search_run: dict, tmp_path: Path) -> None:
+    completed = _run_search(tmp_path, brats_subset, "--trials", "1")
+
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "cache hit" in completed.stderr

@@ -1,0 +1,83 @@
+"""MlflowTrialCallback against a real embedded Ray and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from mlflow.tracking import MlflowClient  # noqa: E402
+from ray import tune  # noqa: E402
+
+from aeplat.platform.tracking import FAILURE_TAG, STOPPED_EARLY_TAG, TRIAL_ID_TAG, MlflowTrialCallback  # noqa: E402
+
+
+def _report_or_fail(config: dict) -> None:
+    for epoch in range(1, 4):
+        if config["fail"] and epoch == 2:
+            raise FloatingPointError("loss is nan at epoch 2")
+        tune.report({"epoch": epoch, "val_auc": 0.5 + 0.1 * epoch, "best_val_auc": 0.5 + 0.1 * epoch, "train_loss": 1.0 / epoch})
+
+
+def _training_values(config: dict) -> dict:
+    return {"fail": config["fail"]}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # Ray workers import the trainables of this module by name, so they need its folder on their path.
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), previous]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+    if previous is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = previous
+
+
+def test_child_runs_record_success_and_failure(tmp_path: Path, local_ray: None) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("callback-test")
+    parent = client.create_run(experiment_id)
+    callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, _training_values, max_epochs=3)
+
+    tuner = tune.Tuner(
+        _report_or_fail,
+        param_space={"fail": tune.grid_search([False, True])},
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "runs"), callbacks=[callback], verbose=0),
+    )
+    results = tuner.fit()
+
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_param = {run.data.params["fail"]: run for run in runs}
+    assert len(results) == 2
+    assert len(runs) == 2
+    assert by_param["False"].info.status == "FINISHED"
+    assert by_param["False"].data.tags[STOPPED_EARLY_TAG] == "false"
+    assert by_param["False"].data.metrics["val_auc"] == pytest.approx(0.8)
+    assert by_param["True"].info.status == "FAILED"
+    assert "loss is nan at epoch 2" in by_param["True"].data.tags[FAILURE_TAG]
+    assert all(TRIAL_ID_TAG in run.data.tags for run in runs)
+
+
+def test_metric_history_has_one_step_per_epoch(tmp_path: Path, local_ray: None) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("history-test")
+    parent = client.create_run(experiment_id)
+    callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, _training_values, max_epochs=3)
+
+    tune.Tuner(
+        _report_or_fail,
+        param_space={"fail": False},
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "runs"), callbacks=[callback], verbose=0),
+    ).fit()
+
+    run = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [point.step for point in history] == [1, 2, 3]
