@@ -4,7 +4,7 @@ VENV ?= .venv
 BRATS_DIR ?= ../shared/data/brats
 BIN := $(VENV)/bin
 
-.PHONY: install demo test
+.PHONY: install demo test services
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +21,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# PostgreSQL binaries for the tests in tests/deploy, which start and stop their own cluster.
+# Installs Debian's postgresql package when initdb is missing; needs root and apt-get.
+services:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then \
+		echo "PostgreSQL binaries found."; \
+	else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi

@@ -13,16 +13,19 @@ import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aeplat.data.brats import BratsSettings, ProgressCallback, find_brats_cases, load_brats_cases
+from aeplat.data.brats import BratsSettings, ProgressCallback
 from aeplat.data.errors import DatasetError
 from aeplat.data.types import SliceSet
+
+if TYPE_CHECKING:
+    from aeplat.data.adapters.base import BadFile
 
 logger = logging.getLogger(__name__)
 
@@ -34,21 +37,25 @@ _HASH_CHUNK_BYTES = 1 << 20
 _REQUIRED_ARRAYS = ("images", "labels", "patient_ids", "slice_indices")
 
 
-def fingerprint_files(paths: Iterable[Path]) -> str:
+def fingerprint_files(paths: Iterable[Path], known_digests: Mapping[Path, str] | None = None) -> str:
     """Return a sha256 hex digest over the name, size and content hash of every file.
 
     Names are taken relative to the deepest folder that contains all files, so the same
-    data copied to another place has the same fingerprint.
+    data copied to another place has the same fingerprint. known_digests maps a file to a
+    content digest computed elsewhere, such as its S3 ETag, so the file is not read. Its
+    size still comes from the file.
 
     Raises:
         DatasetError: a path is not a readable file.
     """
     files = sorted(Path(path).absolute() for path in paths)
     base = _common_folder(files)
+    known = {Path(path).absolute(): value for path, value in (known_digests or {}).items()}
 
     digest = hashlib.sha256()
     for path in files:
-        record = json.dumps([path.relative_to(base).as_posix(), *_size_and_sha256(path)])
+        size_and_digest = _size_and_known_digest(path, known[path]) if path in known else _size_and_sha256(path)
+        record = json.dumps([path.relative_to(base).as_posix(), *size_and_digest])
         digest.update(record.encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()
@@ -91,6 +98,11 @@ class SliceCache:
         An unreadable entry, or one with wrong arrays, is logged as a WARNING and deleted,
         so the caller rebuilds it.
         """
+        entry = self.load_entry(key)
+        return None if entry is None else entry[0]
+
+    def load_entry(self, key: str) -> tuple[SliceSet, list[tuple[str, str]]] | None:
+        """Return the cached slices and skipped files (name, reason), or None as load does."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -100,14 +112,14 @@ class SliceCache:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
-            return _slice_set_from_arrays(arrays)
+            return _slice_set_from_arrays(arrays), _skipped_from_arrays(arrays)
         except (OSError, EOFError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
             logger.warning("Deleting corrupt cache entry %s so that it is rebuilt: %s", path, error)
             path.unlink(missing_ok=True)
             return None
 
-    def save(self, key: str, slices: SliceSet) -> Path:
-        """Write an entry atomically and return its path."""
+    def save(self, key: str, slices: SliceSet, skipped: Sequence[tuple[str, str]] = ()) -> Path:
+        """Write an entry, with the skipped files as (name, reason) pairs, atomically and return its path."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         arrays = {
             "images": slices.images,
@@ -117,6 +129,11 @@ class SliceCache:
         }
         if slices.masks is not None:
             arrays["masks"] = slices.masks
+        if slices.source_paths is not None:
+            arrays["source_paths"] = np.asarray(slices.source_paths, dtype=np.str_)
+        if skipped:
+            arrays["skipped_files"] = np.array([name for name, _ in skipped], dtype=np.str_)
+            arrays["skipped_reasons"] = np.array([reason for _, reason in skipped], dtype=np.str_)
 
         handle = tempfile.NamedTemporaryFile(dir=self.cache_dir, prefix=f".{key}.", suffix=".tmp", delete=False)
         temporary = Path(handle.name)
@@ -141,12 +158,14 @@ class PreparedDataset:
         cache_key: the key of the slices in the cache, also set when caching is off.
         cache_hit: whether the slices were read from the cache.
         source_files: the number of source files fingerprinted.
+        skipped: the files left out under --on-bad-file skip, each with its reason.
     """
 
     slices: SliceSet
     cache_key: str
     cache_hit: bool
     source_files: int
+    skipped: tuple[BadFile, ...] = ()
 
 
 def prepare_brats(
@@ -154,37 +173,26 @@ def prepare_brats(
     settings: BratsSettings,
     cache_dir: Path | None,
     progress: ProgressCallback | None = None,
+    known_digests: Mapping[Path, str] | None = None,
 ) -> PreparedDataset:
     """Load the BraTS slices for the settings, from the cache when the sources and settings match.
 
     The image of the chosen modality and the segmentation of every case are fingerprinted.
     cache_dir=None turns caching off. On a cache hit, progress(total, total) is called
     once. A cache entry that cannot be written is logged as a WARNING and the loaded
-    slices are returned.
+    slices are returned. known_digests is passed to fingerprint_files. This is
+    prepare_dataset with the brats adapter.
     """
-    settings.validate()
-    cases = find_brats_cases(data_dir, settings.modality)
-    sources = [path for case in cases for path in (case.images[settings.modality], case.segmentation)]
-    key = cache_key(fingerprint_files(sources), {"dataset": "brats", **settings.as_dict()})
+    from aeplat.data.adapters.brats import BratsAdapter
+    from aeplat.data.prepare import prepare_dataset
 
-    cache = None if cache_dir is None else SliceCache(cache_dir)
-    if cache is not None:
-        cached = cache.load(key)
-        if cached is not None:
-            logger.info("Loaded %d BraTS slices from cache entry %s.", len(cached), cache.path(key))
-            if progress is not None:
-                progress(len(cases), len(cases))
-            return PreparedDataset(slices=cached, cache_key=key, cache_hit=True, source_files=len(sources))
-
-    slices = load_brats_cases(cases, settings, progress)
-    if cache is not None:
-        _save_or_warn(cache, key, slices)
-    return PreparedDataset(slices=slices, cache_key=key, cache_hit=False, source_files=len(sources))
+    return prepare_dataset(BratsAdapter(), data_dir, settings, cache_dir, progress=progress, known_digests=known_digests)
 
 
-def _save_or_warn(cache: SliceCache, key: str, slices: SliceSet) -> None:
+def save_or_warn(cache: SliceCache, key: str, slices: SliceSet, skipped: Sequence[tuple[str, str]] = ()) -> None:
+    """Write a cache entry, logging a WARNING in place of raising when the folder is not writable."""
     try:
-        path = cache.save(key, slices)
+        path = cache.save(key, slices, skipped)
     except OSError as error:
         logger.warning("Failed to write cache entry %s, so the slices stay uncached: %s", cache.path(key), error)
         return
@@ -197,6 +205,15 @@ def _common_folder(files: list[Path]) -> Path:
     if len(files) == 1:
         return files[0].parent
     return Path(os.path.commonpath(files))
+
+
+def _size_and_known_digest(path: Path, known_digest: str) -> tuple[int, str]:
+    try:
+        return path.stat().st_size, known_digest
+    except OSError as error:
+        raise DatasetError(
+            f"Failed to read source file {path} for its fingerprint: {error}. Check that it exists and is readable."
+        ) from error
 
 
 def _size_and_sha256(path: Path) -> tuple[int, str]:
@@ -233,6 +250,9 @@ def _slice_set_from_arrays(arrays: dict[str, np.ndarray]) -> SliceSet:
     masks = arrays.get("masks")
     if masks is not None:
         _expect(masks.dtype == np.uint8 and masks.shape == images.shape, "masks", masks)
+    source_paths = arrays.get("source_paths")
+    if source_paths is not None:
+        _expect(source_paths.dtype.kind == "U" and source_paths.shape == (count,), "source_paths", source_paths)
 
     return SliceSet(
         images=images,
@@ -240,7 +260,15 @@ def _slice_set_from_arrays(arrays: dict[str, np.ndarray]) -> SliceSet:
         masks=masks,
         patient_ids=arrays["patient_ids"],
         slice_indices=arrays["slice_indices"],
+        source_paths=source_paths,
     )
+
+
+def _skipped_from_arrays(arrays: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+    files = arrays.get("skipped_files", np.zeros(0, dtype=np.str_))
+    reasons = arrays.get("skipped_reasons", np.zeros(0, dtype=np.str_))
+    _expect(files.shape == reasons.shape and files.ndim == 1, "skipped_files", files)
+    return list(zip(files.tolist(), reasons.tolist()))
 
 
 def _expect(condition: bool, name: str, array: np.ndarray) -> None:

@@ -24,6 +24,9 @@ class SliceSet:
         patient_ids: str array of shape (N,). Every split is made over these ids.
         slice_indices: int64 array of shape (N,): the axial index of the slice in its
             reoriented volume, or -1 for images that are not slices of a volume.
+        source_paths: str array of shape (N,) with each image's file path relative to the
+            data folder, or None when unknown. Log counts, not these paths, because a path
+            may contain a patient identifier.
     """
 
     images: np.ndarray
@@ -31,6 +34,7 @@ class SliceSet:
     masks: np.ndarray | None
     patient_ids: np.ndarray
     slice_indices: np.ndarray
+    source_paths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -38,12 +42,14 @@ class SliceSet:
     def subset(self, index: np.ndarray) -> SliceSet:
         """Return the images selected by a boolean mask or an integer index array."""
         masks = None if self.masks is None else self.masks[index]
+        source_paths = None if self.source_paths is None else self.source_paths[index]
         return SliceSet(
             images=self.images[index],
             labels=self.labels[index],
             masks=masks,
             patient_ids=self.patient_ids[index],
             slice_indices=self.slice_indices[index],
+            source_paths=source_paths,
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -55,7 +61,10 @@ class SliceSet:
 
     @staticmethod
     def concatenate(parts: Sequence[SliceSet]) -> SliceSet:
-        """Join slice sets in order. Either every part has masks or none has."""
+        """Join slice sets in order. Either every part has masks or none has.
+
+        The result has source paths only when every part has them.
+        """
         if not parts:
             raise ValueError("SliceSet.concatenate needs at least one SliceSet, got none.")
 
@@ -67,12 +76,15 @@ class SliceSet:
             )
 
         masks = np.concatenate([part.masks for part in parts]) if all(with_masks) else None
+        with_paths = all(part.source_paths is not None for part in parts)
+        source_paths = np.concatenate([part.source_paths for part in parts]) if with_paths else None
         return SliceSet(
             images=np.concatenate([part.images for part in parts]),
             labels=np.concatenate([part.labels for part in parts]),
             masks=masks,
             patient_ids=np.concatenate([part.patient_ids for part in parts]),
             slice_indices=np.concatenate([part.slice_indices for part in parts]),
+            source_paths=source_paths,
         )
 
 

@@ -13,6 +13,10 @@ from rich.logging import RichHandler
 
 from aeplat.data.brats import BRATS_MODALITIES
 from aeplat.data.errors import DatasetError
+from aeplat.platform.cli_data import add_data_parser, add_dataset_options, check_modality_option, data_options_from_args, run_data
+from aeplat.platform.cli_k8s import add_k8s_parser, run_k8s
+from aeplat.platform.cli_score import add_score_parser, run_score
+from aeplat.platform.signals import raise_keyboard_interrupt_on_sigterm
 from aeplat.platform.settings import DATASETS, SearchSettings, SettingsError
 from aeplat.search_spaces import SearchSpaceError
 
@@ -23,23 +27,44 @@ _NOISY_LOGGERS = ("ray", "mlflow", "alembic", "optuna", "urllib3", "botocore", "
 
 def _add_search_options(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout to read")
-    data.add_argument("--data-dir", type=Path, required=True, help="folder of the dataset, one subfolder per BraTS case")
-    data.add_argument("--modality", default="flair", choices=BRATS_MODALITIES, help="MRI sequence to train on (default: %(default)s)")
+    data.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout to read (README: Datasets)")
+    data.add_argument(
+        "--data-dir",
+        type=_data_dir_argument,
+        required=True,
+        help="folder of the dataset (brats: one subfolder per case), or an s3://BUCKET/PREFIX that is downloaded into --cache-dir first",
+    )
+    data.add_argument(
+        "--s3-endpoint-url",
+        default=None,
+        help="S3 endpoint of an s3:// --data-dir, such as http://127.0.0.1:9000 for MinIO (default: $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS)",
+    )
+    data.add_argument("--modality", default=None, choices=BRATS_MODALITIES, help="brats: MRI sequence to train on (default: flair)")
     data.add_argument("--image-size", type=int, default=64, help="side of the square slices in pixels, a multiple of 16 (default: %(default)s)")
     data.add_argument("--validation-fraction", type=float, default=0.2, help="share of patients in the validation split (default: %(default)s)")
     data.add_argument("--test-fraction", type=float, default=0.2, help="share of patients in the held-out test split (default: %(default)s)")
     data.add_argument("--max-train-images", type=int, default=None, help="train on a random subset of at most this many normal images (default: all)")
-    data.add_argument("--cache-dir", type=Path, default=None, help="folder of prepared datasets (default: $AEPLAT_CACHE_DIR or ~/.cache/aeplat)")
+    data.add_argument("--cache-dir", type=Path, default=None, help="folder of prepared datasets (default: $AEPLAT_CACHE_DIR, else $XDG_CACHE_HOME/aeplat, else ~/.cache/aeplat)")
+    add_dataset_options(data)
 
     search = parser.add_argument_group("search")
     search.add_argument("--trials", type=int, default=20, help="number of configurations to try (default: %(default)s)")
     search.add_argument("--epochs", type=int, default=30, help="maximum training epochs per trial (default: %(default)s)")
-    search.add_argument("--grace-period", type=int, default=5, help="epochs every trial runs before ASHA may stop it (default: %(default)s)")
+    search.add_argument("--grace-period", type=int, default=None, help="epochs every trial runs before ASHA may stop it (default: 5, or --epochs when smaller)")
     search.add_argument("--reduction-factor", type=int, default=3, help="ASHA keeps 1 in this many trials at each rung (default: %(default)s)")
     search.add_argument("--max-concurrent", type=int, default=2, help="trials running at the same time (default: %(default)s)")
     search.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial from its last checkpoint (default: %(default)s)")
     search.add_argument("--seed", type=int, default=0, help="seed of the sampler, the split and every trial (default: %(default)s)")
+    search.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help=(
+            "training runs per configuration, with seeds SEED, SEED+1, ... inside the same trial; the trial reports "
+            "the mean validation AUC over the runs as the optimized metric, its standard deviation as val_auc_std "
+            "and each run's metrics as seed_<seed>/<metric>, and costs REPEATS times the compute (default: %(default)s)"
+        ),
+    )
     search.add_argument("--search-space", type=Path, default=None, help="YAML search space to use instead of the shipped one (default: aeplat/search_spaces/<dataset>.yaml)")
 
     compute = parser.add_argument_group("compute")
@@ -52,6 +77,11 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     tracking = parser.add_argument_group("tracking")
     tracking.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
     tracking.add_argument("--experiment", default=None, help="MLflow experiment name (default: aeplat-<dataset>-<modality>)")
+
+
+def _data_dir_argument(value: str) -> Path | str:
+    """Keep an s3:// URI as text, because Path would collapse its '//'; make anything else a Path."""
+    return value if value.startswith("s3://") else Path(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_search_options(search)
+    search.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages, including Ray's and MLflow's")
+    add_k8s_parser(commands, _add_search_options)
+    add_data_parser(commands)
+    add_score_parser(commands)
     return parser
 
 
@@ -76,12 +110,12 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
     return SearchSettings(
         dataset=args.dataset,
         data_dir=args.data_dir,
-        modality=args.modality,
+        modality=check_modality_option(args.dataset, args.modality),
         image_size=args.image_size,
         trials=args.trials,
         max_concurrent=args.max_concurrent,
         epochs=args.epochs,
-        grace_period=min(args.grace_period, args.epochs),
+        grace_period=min(5, args.epochs) if args.grace_period is None else args.grace_period,
         reduction_factor=args.reduction_factor,
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
@@ -94,9 +128,13 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         experiment=args.experiment,
         storage=args.storage,
         cache_dir=args.cache_dir,
+        s3_endpoint_url=args.s3_endpoint_url,
         search_space=args.search_space,
         max_failures=args.max_failures,
         device=args.device,
+        repeats=args.repeats,
+        data_options=data_options_from_args(args),
+        on_bad_file=args.on_bad_file,
     )
 
 
@@ -110,12 +148,15 @@ def configure_logging(verbose: bool, console: Console) -> None:
 def _search(args: argparse.Namespace, console: Console) -> int:
     from aeplat.platform.search import SearchError, run_search
 
-    settings = settings_from_args(args)
     try:
+        settings = settings_from_args(args)
         outcome = run_search(settings, console=console)
     except (SettingsError, DatasetError, SearchSpaceError, SearchError) as error:
         console.print(f"[bold red]error:[/] {error}")
         return 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] the search stopped early; its MLflow runs are marked KILLED and no model was registered.")
+        return 130
 
     console.print(
         f"Search finished in {outcome.wall_time_s:.0f} s: best validation AUC {outcome.best_val_auc:.4f}, "
@@ -123,7 +164,8 @@ def _search(args: argparse.Namespace, console: Console) -> int:
     )
     champion = "champion" if outcome.is_champion else "not champion (the current champion scored higher)"
     console.print(f"Registered {settings.registered_model_name} version {outcome.registered_version}: {champion}.")
-    console.print(f"Review it with: mlflow ui --backend-store-uri {outcome.tracking_uri}  (parent run {outcome.parent_run_id})")
+    mlflow_command = Path(sys.executable).parent / "mlflow"
+    console.print(f"Review it with: {mlflow_command} ui --backend-store-uri {outcome.tracking_uri}  (parent run {outcome.parent_run_id})")
     return 0
 
 
@@ -132,9 +174,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     configure_logging(args.verbose, console)
+    raise_keyboard_interrupt_on_sigterm()
 
     if args.command == "search":
         return _search(args, console)
+    if args.command == "k8s":
+        return run_k8s(args, console)
+    if args.command == "data":
+        return run_data(args, console)
+    if args.command == "score":
+        return run_score(args, console)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

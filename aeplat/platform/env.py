@@ -23,6 +23,12 @@ _QUIET_DEFAULTS = {
     # about frequent experiment snapshots on every few checkpoints. Snapshots of a local or
     # shared-folder storage take milliseconds, so the warning is switched off.
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    # Ray Tune 2.60 catches SIGINT, and fit() then returns as if the search had ended, so a
+    # half-trained model would be registered. Without Tune's handler, Ctrl-C raises
+    # KeyboardInterrupt, and the search ends its MLflow runs as KILLED.
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
+    # Ray prints a notice about token authentication at every start.
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 
 # With this set to 0, Ray 2.60 treats the machine as a single-node setup: it advertises

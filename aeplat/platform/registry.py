@@ -1,12 +1,17 @@
-"""Log the best trial's model, register it, and move the `champion` alias when it wins."""
+"""Log the best trial's model as a pyfunc scoring model, register it, and move the `champion` alias when it wins."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
+import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
 import torch
@@ -15,10 +20,19 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
+import aeplat
+from aeplat.data.brats import BratsSettings
+from aeplat.deploy.config import CONFIG_FILE_NAME, ServingConfig
+from aeplat.deploy.pyfunc import CONFIG_ARTIFACT, ERROR_MAP_ARTIFACT, MODEL_CODE_PATH, scoring_signature
+from aeplat.platform.settings import SearchSettings
+
 logger = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
 MODEL_ARTIFACT_NAME = "model"
+
+# The URI that MLflow 3 returns for a logged model: models:/m-<32 hex digits>.
+_LOGGED_MODEL_URI = re.compile(r"models:/(m-[0-9a-f]+)")
 
 
 @dataclass(frozen=True)
@@ -34,7 +48,7 @@ class Registration:
 
 
 def model_signature(image_size: int, channels: int = 1) -> ModelSignature:
-    """Signature of an error-map model: images in, per-pixel squared errors out, both (N, C, H, W)."""
+    """Signature of the pt2 error-map model: images in, per-pixel squared errors out, both (N, C, H, W)."""
     shape = (-1, channels, image_size, image_size)
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), shape)]),
@@ -42,30 +56,107 @@ def model_signature(image_size: int, channels: int = 1) -> ModelSignature:
     )
 
 
-def _pip_requirements() -> list[str]:
-    # Listing the requirements skips MLflow's requirement inference, which takes seconds per model.
-    torch_version = torch.__version__.split("+", 1)[0]
-    return [f"torch=={torch_version}", f"numpy=={np.__version__}"]
+# Distributions that the scoring model imports, pinned to the versions installed when it is logged.
+SCORING_DISTRIBUTIONS = (
+    "torch",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "nibabel",
+    "pydicom",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "pillow",
+)
 
 
-def log_error_map_model(run_id: str, model: torch.nn.Module, example: np.ndarray) -> str:
-    """Log `model` into run `run_id` in MLflow's pt2 format and return its model URI.
+def _pip_requirements(distributions: tuple[str, ...]) -> list[str]:
+    """Pin the installed versions, without local tags such as +cpu; distributions not installed are left out.
 
-    `example` must have a batch of at least 2 images, so the exported batch dimension stays dynamic.
+    Listing the requirements skips MLflow's requirement inference, which takes seconds per model.
+    """
+    requirements = []
+    for name in distributions:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        requirements.append(f"{name}=={version.split('+', 1)[0]}")
+    return requirements
+
+
+def serving_config(settings: SearchSettings) -> ServingConfig:
+    """Return the preprocessing settings of a search's models, for serving them."""
+    # NOTE: these must stay the settings that aeplat.platform.search.prepare_splits builds.
+    if settings.dataset == "brats":
+        return ServingConfig.from_brats(settings.dataset, BratsSettings(modality=settings.modality, image_size=settings.image_size))
+
+    # Two-dimensional datasets use only the image size; the volume settings keep their defaults.
+    defaults = BratsSettings(image_size=settings.image_size)
+    return ServingConfig(
+        dataset=settings.dataset,
+        modality=settings.model_modality,
+        image_size=settings.image_size,
+        lower_percentile=defaults.lower_percentile,
+        upper_percentile=defaults.upper_percentile,
+        min_brain_fraction=defaults.min_brain_fraction,
+    )
+
+
+def log_scoring_model(run_id: str, model: torch.nn.Module, example: np.ndarray, config: ServingConfig) -> str:
+    """Log an error-map model as an MLflow pyfunc scoring model into run `run_id` and return its model URI.
+
+    The pyfunc model contains the error-map model in MLflow's pt2 format, the serving config
+    and a copy of the aeplat package, whose preprocessing code it runs (see
+    aeplat.deploy.pyfunc). `example` must have a batch of at least 2 images, so the exported
+    batch dimension stays dynamic.
     """
     if example.ndim != 4 or example.shape[0] < 2:
         raise ValueError(f"The input example must have shape (N>=2, C, H, W), got {example.shape}.")
+    example = example.astype(np.float32)
 
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
-            name=MODEL_ARTIFACT_NAME,
-            signature=model_signature(example.shape[-1], example.shape[1]),
-            input_example=example.astype(np.float32),
-            pip_requirements=_pip_requirements(),
-            serialization_format="pt2",
-        )
+    with tempfile.TemporaryDirectory(prefix="aeplat-model-") as folder:
+        artifacts = _save_artifacts(Path(folder), model, example, config)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT_NAME,
+                python_model=str(MODEL_CODE_PATH),
+                artifacts=artifacts,
+                code_paths=[str(Path(aeplat.__file__).parent)],
+                signature=scoring_signature(config.image_size),
+                input_example=example[:1],
+                pip_requirements=_pip_requirements(SCORING_DISTRIBUTIONS),
+            )
     return info.model_uri
+
+
+def _save_artifacts(folder: Path, model: torch.nn.Module, example: np.ndarray, config: ServingConfig) -> dict[str, str]:
+    """Save the pt2 error-map model and the serving config under folder and return them by artifact key."""
+    error_map_path = folder / ERROR_MAP_ARTIFACT
+    mlflow.pytorch.save_model(
+        model,
+        path=str(error_map_path),
+        signature=model_signature(example.shape[-1], example.shape[1]),
+        input_example=example,
+        pip_requirements=_pip_requirements(("torch", "numpy")),
+        serialization_format="pt2",
+    )
+
+    config_path = folder / CONFIG_FILE_NAME
+    config.save(config_path)
+    return {ERROR_MAP_ARTIFACT: str(error_map_path), CONFIG_ARTIFACT: str(config_path)}
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """Return the logged-model id of a `models:/m-<id>` URI, else None.
+
+    A tracking server (MLflow 3.17 over REST) rejects such a version source unless the
+    request names the logged model too; SQLite stores accept it either way.
+    """
+    match = _LOGGED_MODEL_URI.fullmatch(model_uri)
+    return match.group(1) if match else None
 
 
 def current_champion(client: MlflowClient, model_name: str) -> tuple[str | None, float | None]:
@@ -104,7 +195,9 @@ def register_model(
         client.create_registered_model(model_name, description="Anomaly detection autoencoder registered by aeplat.")
 
     string_tags = {key: str(value) for key, value in tags.items()}
-    version = client.create_model_version(model_name, source=model_uri, run_id=run_id, tags=string_tags)
+    version = client.create_model_version(
+        model_name, source=model_uri, run_id=run_id, tags=string_tags, model_id=logged_model_id(model_uri)
+    )
 
     is_champion = previous_auc is None or val_auc > previous_auc
     if is_champion:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import socket
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,9 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from aeplat.data import DatasetSplits
+from aeplat.data.adapters import BadFile
 from aeplat.platform.progress import SearchProgress, best_trials_table
-from aeplat.platform.registry import log_error_map_model, register_model
+from aeplat.platform.registry import log_scoring_model, register_model, serving_config
 from aeplat.platform.search import (
     OPTIMIZED_METRIC,
     SCHEDULER_METRIC,
@@ -33,6 +38,7 @@ from aeplat.platform.search import (
     library_versions,
 )
 from aeplat.platform.settings import SearchSettings
+from aeplat.platform.signals import raise_keyboard_interrupt_on_sigterm
 from aeplat.platform.tracking import (
     SEARCH_RUN_TAG,
     TRIAL_ID_TAG,
@@ -40,11 +46,24 @@ from aeplat.platform.tracking import (
     get_or_create_experiment,
     log_params,
 )
-from aeplat.platform.trainable import TrialData, load_best_weights, run_trial, training_config
+from aeplat.platform.trainable import TrialData, load_best_weights, run_trial, training_config, write_trial_artifacts
 from aeplat.search_spaces import SearchSpace
 from aeplat.trainers import ErrorMapModel, Trainer, image_metrics, resolve_device
+from aeplat.trainers.plots import AUC_BY_LATENT_SIZE_FILE, plot_auc_by_latent_size
 
 logger = logging.getLogger(__name__)
+
+# Ray, MLflow and Optuna configure their own loggers when imported; the search keeps them at
+# WARNING unless aeplat itself logs at DEBUG (aeplat -v).
+_LIBRARY_LOGGERS = ("ray", "ray.tune", "ray.train", "mlflow", "optuna", "alembic")
+
+
+def _quiet_library_loggers() -> None:
+    if logging.getLogger("aeplat").getEffectiveLevel() <= logging.DEBUG:
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in _LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 _TRIAL_COLUMNS = (
     "trial_id",
@@ -65,28 +84,33 @@ def run(
     cache_key: str,
     tracking_uri: str,
     console: Any = None,
+    skipped_files: Sequence[BadFile] = (),
 ) -> SearchOutcome:
-    """Run the trials of a search inside one MLflow parent run and register the best model."""
+    """Run the trials of a search inside one MLflow parent run and register the best model.
+
+    skipped_files (from --on-bad-file skip) are logged to the parent run as skipped_files.csv.
+    """
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, settings.experiment_name)
     parent = client.create_run(
         experiment_id,
         run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"aeplat.kind": "search", "dataset": settings.dataset, "modality": settings.modality},
+        tags={"aeplat.kind": "search", "dataset": settings.dataset, "modality": settings.model_modality},
     )
     parent_id = parent.info.run_id
     outcome = SearchOutcome(parent_run_id=parent_id, experiment_id=experiment_id, tracking_uri=tracking_uri, trials=[])
     logger.info("MLflow parent run %s in experiment %r (%s).", parent_id, settings.experiment_name, tracking_uri)
 
     try:
-        _log_search_inputs(client, parent_id, settings, space, splits, cache_key)
+        _log_search_inputs(client, parent_id, settings, space, splits, cache_key, skipped_files)
         results = _run_trials(settings, space, splits, tracking_uri, experiment_id, parent_id, console)
         outcome.trials = _trial_rows(results, space, settings.epochs)
         _log_trial_table(client, parent_id, outcome.trials)
         _finish_with_best_trial(client, settings, space, splits, results, outcome)
     except BaseException as error:
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        _end_open_child_runs(client, experiment_id, parent_id, status)
         client.set_tag(parent_id, "aeplat.failure_reason", f"{type(error).__name__}: {error}"[:5000])
         client.set_terminated(parent_id, status)
         raise
@@ -97,6 +121,18 @@ def run(
     return outcome
 
 
+def _end_open_child_runs(client: MlflowClient, experiment_id: str, parent_id: str, status: str) -> None:
+    """End the child runs that an interrupted or failed search left RUNNING."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SEARCH_RUN_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status)
+    if runs:
+        logger.warning("Marked %d running trials of search run %s as %s.", len(runs), parent_id, status)
+
+
 def _log_search_inputs(
     client: MlflowClient,
     parent_id: str,
@@ -104,6 +140,7 @@ def _log_search_inputs(
     space: SearchSpace,
     splits: DatasetSplits,
     cache_key: str,
+    skipped_files: Sequence[BadFile] = (),
 ) -> None:
     summary = splits.summary()
     params: dict[str, Any] = {f"search.{key}": value for key, value in settings.as_params().items()}
@@ -121,6 +158,14 @@ def _log_search_inputs(
     client.log_dict(parent_id, summary, "split.json")
     client.log_dict(parent_id, space.describe(), "search_space.json")
 
+    # File names relative to the data folder and reasons; neither contains patient identifiers.
+    client.log_metric(parent_id, "skipped_files", len(skipped_files))
+    if skipped_files:
+        with tempfile.TemporaryDirectory(prefix="aeplat-skipped-") as folder:
+            path = Path(folder) / "skipped_files.csv"
+            pd.DataFrame([asdict(bad_file) for bad_file in skipped_files], columns=["name", "reason"]).to_csv(path, index=False)
+            client.log_artifact(parent_id, str(path))
+
 
 def _start_ray(settings: SearchSettings) -> bool:
     """Connect to --ray-address, or start an embedded local Ray. Return True if Ray was started here."""
@@ -129,13 +174,64 @@ def _start_ray(settings: SearchSettings) -> bool:
 
     address = settings.ray_address or None
     if address:
+        _check_reachable(address)
         logger.info("Connecting to the Ray cluster at %s.", address)
         ray.init(address=address, log_to_driver=False)
+        raise_keyboard_interrupt_on_sigterm()
+        _check_trial_fits(settings, embedded=False)
         return True
 
     logger.info("Starting an embedded Ray on 127.0.0.1.")
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    raise_keyboard_interrupt_on_sigterm()
+    try:
+        _check_trial_fits(settings, embedded=True)
+    except SearchError:
+        ray.shutdown()
+        raise
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail within seconds when a `host:port` or `ray://host:port` address does not accept connections.
+
+    Without this check `ray.init` retries an unreachable address for minutes.
+    """
+    if address == "auto":
+        return
+
+    host_port = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise SearchError(f"--ray-address {address!r} is invalid; use auto, host:port or ray://host:port.")
+
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise SearchError(
+            f"The Ray cluster at {address} does not answer ({error}). Check --ray-address or $RAY_ADDRESS, "
+            "or omit both to start an embedded Ray."
+        ) from error
+
+
+def _check_trial_fits(settings: SearchSettings, embedded: bool) -> None:
+    """Reject a trial that no node can host, instead of letting Tune wait for it forever.
+
+    An external cluster may autoscale, so there a missing resource is only a warning.
+    """
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    requests = {"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial}
+    for resource, amount in requests.items():
+        largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
+        if amount <= largest:
+            continue
+
+        option = f"--{resource.lower()}s-per-trial"
+        message = f"{option} {amount:g} exceeds every Ray node: the largest node has {largest:g} {resource}."
+        if embedded:
+            raise SearchError(f"{message} Lower {option}, or pass --ray-address of a cluster with larger nodes.")
+        logger.warning("%s Trials wait until the autoscaler adds a node that is large enough.", message)
 
 
 def _run_trials(
@@ -158,6 +254,7 @@ def _run_trials(
         gpus_per_trial=settings.gpus_per_trial,
         device=settings.device,
         space=space,
+        repeats=settings.repeats,
     )
     searcher = OptunaSearch(
         space=space,
@@ -174,7 +271,12 @@ def _run_trials(
         reduction_factor=settings.reduction_factor,
     )
     mlflow_callback = MlflowTrialCallback(
-        tracking_uri, experiment_id, parent_id, space.training_values, max_epochs=settings.epochs
+        tracking_uri,
+        experiment_id,
+        parent_id,
+        space.training_values,
+        max_epochs=settings.epochs,
+        artifact_writer=functools.partial(write_trial_artifacts, data=data),
     )
     progress = SearchProgress(settings.trials, console=console)
 
@@ -255,6 +357,28 @@ def _log_trial_table(client: MlflowClient, parent_id: str, rows: list[dict[str, 
     failed = sum(1 for row in rows if row["status"] == "failed")
     client.log_metric(parent_id, "trials_finished", len(rows) - failed)
     client.log_metric(parent_id, "trials_failed", failed)
+    _log_auc_by_latent_size(client, parent_id, rows)
+
+
+def _log_auc_by_latent_size(client: MlflowClient, parent_id: str, rows: list[dict[str, Any]]) -> None:
+    """Log a plot of best validation AUC against latent size d, one point per trial that reported one."""
+    points = [row for row in rows if row.get("latent_dim") is not None and _is_finite(row.get("best_val_auc"))]
+    if not points:
+        logger.warning("No trial reported a validation AUC with a latent size, so the parent run has no AUC plot.")
+        return
+
+    with tempfile.TemporaryDirectory(prefix="aeplat-plots-") as folder:
+        path = plot_auc_by_latent_size(
+            np.array([row["latent_dim"] for row in points]),
+            np.array([row["best_val_auc"] for row in points]),
+            np.array([row.get("entropy_weight") or 0.0 for row in points]),
+            Path(folder) / AUC_BY_LATENT_SIZE_FILE,
+        )
+        client.log_artifact(parent_id, str(path))
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _best_result(results: tune.ResultGrid) -> tune.Result | None:
@@ -294,10 +418,11 @@ def _finish_with_best_trial(
     best = _best_result(results)
     if best is None:
         reasons = sorted({row["error"] for row in outcome.trials if row["error"]})
+        hint = "Check the trials' aeplat.failure_reason tags in MLflow."
+        if any("TrainingDivergedError" in reason for reason in reasons):
+            hint += " The losses diverged: lower the learning rate range in a --search-space file."
         raise SearchError(
-            f"All {len(outcome.trials)} trials failed, so no model was registered. Reasons: {reasons[:5]}. "
-            "Check the trials' failure_reason tags in MLflow; a lower --search-space learning rate range "
-            "often helps when losses diverge."
+            f"All {len(outcome.trials)} trials failed, so no model was registered. Reasons: {reasons[:5]}. {hint}"
         )
 
     trial_id = best.metrics["trial_id"]
@@ -320,7 +445,7 @@ def _finish_with_best_trial(
     log_params(client, parent_id, {f"best.{key}": value for key, value in space.training_values(best.config).items()})
 
     example = splits.validation.images[:2]
-    model_uri = log_error_map_model(child_run_id, ErrorMapModel(trainer.model.cpu()).eval(), example)
+    model_uri = log_scoring_model(child_run_id, ErrorMapModel(trainer.model.cpu()).eval(), example, serving_config(settings))
     values = space.training_values(best.config)
     registration = register_model(
         client,
@@ -329,7 +454,7 @@ def _finish_with_best_trial(
         child_run_id,
         tags={
             "dataset": settings.dataset,
-            "modality": settings.modality,
+            "modality": settings.model_modality,
             "model": values.get("model", "ae"),
             "latent_dim": values.get("latent_dim"),
             "entropy_weight": values.get("entropy_weight"),

@@ -10,10 +10,8 @@ Steps of `run_search`:
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import math
-import os
 import platform as python_platform
 import time
 from dataclasses import dataclass, field
@@ -22,11 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from aeplat.data import BratsSettings, DatasetSplits, SplitSettings, check_splits, prepare_brats, split_by_patient
-from aeplat.data.cache import default_cache_dir
+from aeplat.data import DatasetSplits, SplitSettings, check_splits, split_by_patient
+from aeplat.data.adapters import get_adapter
+from aeplat.data.adapters.base import ProgressCallback
+from aeplat.data.cache import PreparedDataset, default_cache_dir
+from aeplat.data.prepare import prepare_dataset
 from aeplat.platform import env
-from aeplat.platform.settings import SearchSettings
-from aeplat.search_spaces import SearchSpace, load_search_space
+from aeplat.platform.settings import SearchSettings, SettingsError
+from aeplat.platform.storage import materialize_data_dir
+from aeplat.search_spaces import SearchSpace, SearchSpaceError, load_search_space
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +38,12 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class SearchError(RuntimeError):
-    """The search could not produce a model; the message says why and what to do."""
+    """The search produced no model. The message gives the reason and the fix."""
 
 
 @dataclass
 class SearchOutcome:
-    """What a finished search produced."""
+    """Result of a finished search: MLflow ids, trial table, best trial and registration."""
 
     parent_run_id: str
     experiment_id: str
@@ -64,20 +66,41 @@ def resolve_tracking_uri(settings: SearchSettings) -> str:
     return uri
 
 
-def prepare_splits(settings: SearchSettings) -> tuple[DatasetSplits, str]:
-    """Decode the dataset (or load it from the cache), split it by patient and check the split."""
-    cache_dir = settings.cache_dir or default_cache_dir()
-    brats_settings = BratsSettings(modality=settings.modality, image_size=settings.image_size)
-    brats_settings.validate()
+def prepare_data(settings: SearchSettings, progress: ProgressCallback | None = None) -> PreparedDataset:
+    """Decode the dataset through its adapter, or load it from the cache.
 
-    prepared = prepare_brats(settings.data_dir, brats_settings, cache_dir)
+    progress(done, total) is called after each decoded file or volume.
+    """
+    cache_dir = settings.cache_dir or default_cache_dir()
+    adapter = get_adapter(settings.dataset)
+    adapter_settings = adapter.settings_from_options(settings.dataset_options())
+
+    # An s3:// data folder is downloaded into the cache first, and its ETags stand in for content hashes.
+    data = materialize_data_dir(settings.data_dir, cache_dir, settings.s3_endpoint_url)
+    prepared = prepare_dataset(
+        adapter,
+        data.local_dir,
+        adapter_settings,
+        cache_dir,
+        on_bad_file=settings.on_bad_file,
+        progress=progress,
+        known_digests=data.source_digests(),
+    )
     logger.info(
-        "Dataset ready: %d slices from %d files (cache %s, key %s).",
+        "Dataset ready: %d images from %d files (cache %s, key %s).",
         len(prepared.slices),
         prepared.source_files,
         "hit" if prepared.cache_hit else "miss",
         prepared.cache_key,
     )
+    return prepared
+
+
+def prepare_splits(
+    settings: SearchSettings, progress: ProgressCallback | None = None
+) -> tuple[DatasetSplits, PreparedDataset]:
+    """Prepare the dataset (see prepare_data), split it by patient and check the split."""
+    prepared = prepare_data(settings, progress)
 
     split_settings = SplitSettings(
         validation_fraction=settings.validation_fraction, test_fraction=settings.test_fraction, seed=settings.seed
@@ -90,27 +113,75 @@ def prepare_splits(settings: SearchSettings) -> tuple[DatasetSplits, str]:
         chosen = np.random.default_rng(settings.seed).choice(len(splits.train), settings.max_train_images, replace=False)
         splits = DatasetSplits(train=splits.train.subset(np.sort(chosen)), validation=splits.validation, test=splits.test)
 
-    return splits, prepared.cache_key
+    return splits, prepared
 
 
 def run_search(settings: SearchSettings, console: Any = None) -> SearchOutcome:
     """Run a whole search and return what it produced. Raises SearchError when no trial succeeds."""
     started = time.monotonic()
     settings.validate()
-    space = load_search_space(settings.dataset, settings.modality, settings.search_space)
-    splits, cache_key = prepare_splits(settings)
-    _log_split(splits)
+    space = load_search_space(settings.dataset, settings.model_modality, settings.search_space)
+    check_training_names(space)
 
     # Ray and MLflow read these at import time, so they are set before either is imported.
     env.apply_privacy_defaults()
     if not (settings.ray_address or env.ray_address_from_env()):
         env.bind_ray_to_loopback()
 
+    tracking_uri = resolve_tracking_uri(settings)
+    check_tracking_store(tracking_uri)
+
+    splits, prepared = prepare_splits(settings)
+    _log_split(splits)
+
     from aeplat.platform import runner
 
-    outcome = runner.run(settings, space, splits, cache_key, resolve_tracking_uri(settings), console)
+    outcome = runner.run(settings, space, splits, prepared.cache_key, tracking_uri, console, skipped_files=prepared.skipped)
     outcome.wall_time_s = time.monotonic() - started
     return outcome
+
+
+def check_training_names(space: SearchSpace) -> None:
+    """Reject a search space whose parameter or constant names no trial can train with."""
+    from aeplat.trainers import TrainingConfig
+
+    known = {field.name for field in dataclasses.fields(TrainingConfig)} - {"seed"}
+    names = {parameter.name for parameter in space.parameters} | set(space.constants)
+    unknown = sorted(names - known)
+    if unknown:
+        raise SearchSpaceError(
+            f"{space.source}: unknown training settings {unknown}; valid names are {sorted(known)}. "
+            "The seed comes from --seed."
+        )
+
+
+def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
+    """Open the MLflow store before any data is decoded, so a wrong --tracking-uri fails at once."""
+    if uri.startswith(("http://", "https://")):
+        _check_tracking_server(uri, timeout_s)
+        return
+
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:  # Each store type raises its own errors; all mean the same here.
+        raise SettingsError(
+            f"The MLflow store {uri} cannot be opened ({type(error).__name__}: {error}). "
+            "Pass --tracking-uri sqlite:///PATH/mlflow.db with a writable folder, or the http:// address of an MLflow server."
+        ) from error
+
+
+def _check_tracking_server(uri: str, timeout_s: float) -> None:
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as error:
+        raise SettingsError(
+            f"The MLflow server at {uri} does not answer ({type(error).__name__}). "
+            "Start it, or check --tracking-uri and $MLFLOW_TRACKING_URI."
+        ) from error
 
 
 def _log_split(splits: DatasetSplits) -> None:
@@ -144,15 +215,3 @@ def library_versions() -> dict[str, str]:
         "scikit-learn": sklearn.__version__,
         "numpy": np.__version__,
     }
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def split_summary_json(splits: DatasetSplits) -> str:
-    return json.dumps(splits.summary(), indent=2)
-
-
-def cpu_count() -> int:
-    return os.cpu_count() or 1

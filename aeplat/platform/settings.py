@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from aeplat.data.adapters import BAD_FILE_POLICIES, DATASET_NAMES, DataOptions, get_adapter
 from aeplat.data.brats import BRATS_MODALITIES
 
-DATASETS = ("brats",)
+DATASETS = DATASET_NAMES
 
 
 class SettingsError(ValueError):
@@ -20,7 +21,8 @@ class SearchSettings:
     """Everything `aeplat search` needs. Defaults match the command-line defaults."""
 
     dataset: str
-    data_dir: Path
+    # A local folder, or an s3://bucket/prefix URI kept as str because Path would collapse its '//'.
+    data_dir: Path | str
     modality: str = "flair"
     image_size: int = 64
     trials: int = 20
@@ -39,13 +41,28 @@ class SearchSettings:
     experiment: str | None = None
     storage: Path = field(default_factory=lambda: Path("aeplat-runs"))
     cache_dir: Path | None = None
+    s3_endpoint_url: str | None = None
     search_space: Path | None = None
     max_failures: int = 0
     device: str = "auto"
+    repeats: int = 1
+    data_options: DataOptions = field(default_factory=DataOptions)
+    on_bad_file: str = "fail"
+
+    def dataset_options(self) -> DataOptions:
+        """Return the adapter options with this search's image size and, for brats, its modality."""
+        modality = self.modality if self.dataset == "brats" else None
+        return replace(self.data_options, image_size=self.image_size, modality=modality)
+
+    @property
+    def model_modality(self) -> str:
+        """Return the modality part of the model name: the BraTS sequence, cxr, mri, or the folder dataset's name."""
+        adapter = get_adapter(self.dataset)
+        return adapter.model_modality(adapter.settings_from_options(self.dataset_options()))
 
     @property
     def registered_model_name(self) -> str:
-        return f"{self.dataset}-{self.modality}"
+        return f"{self.dataset}-{self.model_modality}"
 
     @property
     def experiment_name(self) -> str:
@@ -55,7 +72,11 @@ class SearchSettings:
         """Raise SettingsError for the first invalid option, naming it and the allowed values."""
         if self.dataset not in DATASETS:
             raise SettingsError(f"--dataset {self.dataset!r} is not supported; choose one of: {', '.join(DATASETS)}.")
-        if self.modality not in BRATS_MODALITIES:
+        _require(
+            self.on_bad_file in BAD_FILE_POLICIES,
+            f"--on-bad-file must be one of {', '.join(BAD_FILE_POLICIES)}, got {self.on_bad_file!r}.",
+        )
+        if self.dataset == "brats" and self.modality not in BRATS_MODALITIES:
             raise SettingsError(f"--modality {self.modality!r} is not a BraTS modality; choose one of: {', '.join(BRATS_MODALITIES)}.")
 
         _require(self.trials >= 1, f"--trials must be at least 1, got {self.trials}.")
@@ -78,10 +99,13 @@ class SearchSettings:
             f"--max-train-images must be at least 2, got {self.max_train_images}.",
         )
         _require(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
+        _require(self.repeats >= 1, f"--repeats must be at least 1, got {self.repeats}.")
 
     def as_params(self) -> dict[str, Any]:
         """Return the settings as flat strings for MLflow params."""
-        return {key: "" if value is None else str(value) for key, value in asdict(self).items()}
+        values = asdict(self)
+        values.update({f"data_{key}": value for key, value in values.pop("data_options").items()})
+        return {key: "" if value is None else str(value) for key, value in values.items()}
 
 
 def _require(condition: bool, message: str) -> None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +26,14 @@ TRIAL_ID_TAG = "aeplat.trial_id"
 SEARCH_RUN_TAG = "aeplat.search_run_id"
 FAILURE_TAG = "aeplat.failure_reason"
 STOPPED_EARLY_TAG = "aeplat.stopped_early"
+ARTIFACT_FAILURE_TAG = "aeplat.artifact_failure"
+
+# Folder of a child run's artifacts that holds the trial's best model and validation plots.
+TRIAL_ARTIFACT_PATH = "best"
+
+# Prefixes of further trial result keys logged every epoch: the models' extra losses
+# (train_kl_loss), the spread over seeds (val_auc_std) and per-seed values (seed_3/val_auc).
+TRIAL_METRIC_PREFIXES = ("train_", "val_", "seed_")
 
 # Keys of a trial result that are logged as MLflow metrics every epoch.
 TRIAL_METRICS = (
@@ -66,6 +77,12 @@ class MlflowTrialCallback(Callback):
 
     Parameters are the trial's training values; metrics are logged per epoch with the epoch as
     step; a trial that raises ends as FAILED with the reason in the `aeplat.failure_reason` tag.
+
+    When a trial completes, finished or stopped early by the scheduler, ``artifact_writer``
+    (if given) receives the trial's latest checkpoint and an empty folder, and everything it
+    writes there is logged under the child run's ``best/`` artifact folder. A writer that
+    raises is logged as a WARNING and tagged ``aeplat.artifact_failure``, and the search
+    goes on.
     """
 
     def __init__(
@@ -75,18 +92,23 @@ class MlflowTrialCallback(Callback):
         parent_run_id: str,
         training_values: Any,
         max_epochs: int,
+        artifact_writer: Callable[[Any, Path], Any] | None = None,
     ) -> None:
         self._tracking_uri = tracking_uri
         self._experiment_id = experiment_id
         self._parent_run_id = parent_run_id
         self._training_values = training_values
         self._max_epochs = max_epochs
+        self._artifact_writer = artifact_writer
         self._run_ids: dict[str, str] = {}
         self._client: MlflowClient | None = None
 
     def __getstate__(self) -> dict[str, Any]:
+        # Tune saves its callbacks with the experiment state. The writer may hold the
+        # validation images, so it is left out, and a restored search passes a new one.
         state = self.__dict__.copy()
         state["_client"] = None
+        state["_artifact_writer"] = None
         return state
 
     @property
@@ -124,9 +146,9 @@ class MlflowTrialCallback(Callback):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         timestamp = int(result.get("timestamp", 0) * 1000)
         metrics = [
-            Metric(key, float(result[key]), timestamp, step)
-            for key in TRIAL_METRICS
-            if key in result and isinstance(result[key], (int, float)) and math.isfinite(result[key])
+            Metric(key, float(value), timestamp, step)
+            for key, value in result.items()
+            if _is_trial_metric(key) and isinstance(value, (int, float)) and math.isfinite(value)
         ]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
@@ -138,6 +160,7 @@ class MlflowTrialCallback(Callback):
 
         epochs = int(trial.last_result.get("epoch", 0))
         self.client.set_tag(run_id, STOPPED_EARLY_TAG, str(epochs < self._max_epochs).lower())
+        self._log_trial_artifacts(trial, run_id)
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
         logger.info(
             "Trial %s finished after %d epochs, best validation AUC %.4f.",
@@ -155,6 +178,33 @@ class MlflowTrialCallback(Callback):
 
         self.client.set_tag(run_id, FAILURE_TAG, _truncate(reason))
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+    def _log_trial_artifacts(self, trial: Trial, run_id: str) -> None:
+        if self._artifact_writer is None:
+            return
+
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            logger.warning("Trial %s completed without a checkpoint, so it has no model or plots.", trial.trial_id)
+            return
+
+        started = time.monotonic()
+        try:
+            with tempfile.TemporaryDirectory(prefix="aeplat-trial-artifacts-") as folder:
+                self._artifact_writer(checkpoint, Path(folder))
+                self.client.log_artifacts(run_id, folder, artifact_path=TRIAL_ARTIFACT_PATH)
+        except Exception as error:  # noqa: BLE001 - one trial's plots must not end the search
+            reason = f"{type(error).__name__}: {error}"
+            logger.warning("Failed to log the model and plots of trial %s: %s", trial.trial_id, reason)
+            self.client.set_tag(run_id, ARTIFACT_FAILURE_TAG, _truncate(reason))
+            return
+
+        logger.debug("Logged the artifacts of trial %s in %.2f s.", trial.trial_id, time.monotonic() - started)
+
+
+def _is_trial_metric(key: str) -> bool:
+    return key in TRIAL_METRICS or key.startswith(TRIAL_METRIC_PREFIXES)
 
 
 def _format_values(values: Mapping[str, Any]) -> str:

@@ -1,8 +1,13 @@
-"""The Ray Tune function that runs one trial: train on normal images, report validation AUC."""
+"""The Ray Tune function that runs one trial: train on normal images, report validation AUC.
+
+Also the driver-side step that turns a trial's best checkpoint into artifact files
+(``write_trial_artifacts``). Trials never write to MLflow.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import tempfile
@@ -16,12 +21,14 @@ from ray import tune
 
 from aeplat.search_spaces import SearchSpace
 from aeplat.trainers import Trainer, TrainingConfig, resolve_device, seed_everything
+from aeplat.trainers.plots import write_validation_plots
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_FILE = "trainer.pt"
 BEST_MODEL_FILE = "best_model.pt"
 SUMMARY_FILE = "summary.json"
+TRAINING_CONFIG_FILE = "training_config.json"
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class TrialData:
     gpus_per_trial: float
     device: str
     space: SearchSpace
+    repeats: int = 1
 
 
 def training_config(config: dict[str, Any], space: SearchSpace, seed: int) -> TrainingConfig:
@@ -54,59 +62,94 @@ def trial_device(data: TrialData) -> torch.device:
 
 
 def run_trial(config: dict[str, Any], data: TrialData) -> None:
-    """Train one configuration and report validation metrics after every epoch.
+    """Train one configuration with ``data.repeats`` seeds and report validation metrics after every epoch.
 
-    A checkpoint is saved whenever the validation AUC improves. It holds the full trainer
-    state (to resume) and the weights of the best epoch (to register).
+    Seeds are data.seed, data.seed + 1, and so on, and every epoch trains each model once.
+    ``val_auc`` and the other shared keys are means over the seeds, ``val_auc_std`` is the
+    population standard deviation of the AUC over the seeds (0.0 for one seed), and
+    ``seed_<seed>/<key>`` holds each seed's own value. ``best_val_auc`` is the best mean
+    AUC so far. A checkpoint is saved whenever it improves and after the last epoch. It
+    holds every trainer's state (to resume) and the weights of the seed with the highest
+    AUC at the best epoch (to register).
     """
     torch.set_num_threads(max(1, int(data.cpus_per_trial)))
     seed_everything(data.seed)
-    training = training_config(config, data.space, data.seed)
-    trainer = Trainer(training, image_size=data.image_size, device=trial_device(data))
-    best = {"best_val_auc": float("-inf"), "best_epoch": 0}
-    best_weights = copy.deepcopy(trainer.model.state_dict())
+    device = trial_device(data)
+    seeds = [data.seed + offset for offset in range(data.repeats)]
+    trainers = [Trainer(training_config(config, data.space, seed), image_size=data.image_size, device=device) for seed in seeds]
+    best = {"best_val_auc": float("-inf"), "best_epoch": 0, "best_seed": seeds[0]}
+    best_weights = copy.deepcopy(trainers[0].model.state_dict())
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        best, best_weights = _restore(trainer, checkpoint)
-        logger.info("Trial resumed from epoch %d (best validation AUC %.4f).", trainer.epoch, best["best_val_auc"])
+        best, best_weights = _restore(trainers, checkpoint)
+        logger.info("Trial resumed from epoch %d (best validation AUC %.4f).", trainers[0].epoch, best["best_val_auc"])
 
-    while trainer.epoch < data.epochs:
-        train_metrics = trainer.train_epoch(data.train_images)
+    while trainers[0].epoch < data.epochs:
+        per_seed = [_train_and_evaluate(trainer, data) for trainer in trainers]
+        metrics = _combine_seeds(per_seed, seeds)
+        epoch = trainers[0].epoch
 
-        validation_metrics = trainer.evaluate(data.validation_images, data.validation_labels)
-
-        improved = validation_metrics["val_auc"] > best["best_val_auc"]
+        improved = metrics["val_auc"] > best["best_val_auc"]
         if improved:
-            best = {"best_val_auc": validation_metrics["val_auc"], "best_epoch": trainer.epoch}
-            best_weights = copy.deepcopy(trainer.model.state_dict())
+            winner = max(range(len(seeds)), key=lambda index: per_seed[index]["val_auc"])
+            best = {"best_val_auc": metrics["val_auc"], "best_epoch": epoch, "best_seed": seeds[winner]}
+            best_weights = copy.deepcopy(trainers[winner].model.state_dict())
 
-        metrics = {"epoch": trainer.epoch, **train_metrics, **validation_metrics, **best}
-        if improved or trainer.epoch == data.epochs:
-            _report_with_checkpoint(metrics, trainer, training, best_weights)
+        metrics = {"epoch": epoch, **metrics, **best}
+        if improved or epoch == data.epochs:
+            _report_with_checkpoint(metrics, trainers, best_weights)
         else:
             tune.report(metrics)
 
 
-def _report_with_checkpoint(
-    metrics: dict[str, Any], trainer: Trainer, training: TrainingConfig, best_weights: dict[str, torch.Tensor]
-) -> None:
+def _train_and_evaluate(trainer: Trainer, data: TrialData) -> dict[str, float]:
+    train_metrics = trainer.train_epoch(data.train_images)
+    validation_metrics = trainer.evaluate(data.validation_images, data.validation_labels)
+    return {**train_metrics, **validation_metrics}
+
+
+def _combine_seeds(per_seed: list[dict[str, float]], seeds: list[int]) -> dict[str, float]:
+    """Return the mean of every key over the seeds, val_auc_std, and each seed's values as seed_<seed>/<key>."""
+    combined = {key: float(np.mean([values[key] for values in per_seed])) for key in per_seed[0]}
+    combined["val_auc_std"] = float(np.std([values["val_auc"] for values in per_seed]))
+
+    if len(seeds) > 1:
+        for seed, values in zip(seeds, per_seed):
+            combined.update({f"seed_{seed}/{key}": value for key, value in values.items()})
+    return combined
+
+
+def _report_with_checkpoint(metrics: dict[str, Any], trainers: list[Trainer], best_weights: dict[str, torch.Tensor]) -> None:
     with tempfile.TemporaryDirectory(prefix="aeplat-checkpoint-") as folder:
         folder_path = Path(folder)
-        torch.save(trainer.state_dict(), folder_path / TRAINER_STATE_FILE)
+        torch.save([trainer.state_dict() for trainer in trainers], folder_path / TRAINER_STATE_FILE)
         torch.save(best_weights, folder_path / BEST_MODEL_FILE)
-        summary = {**{k: metrics[k] for k in ("best_val_auc", "best_epoch")}, "training": training.__dict__}
+        best_seed = metrics["best_seed"]
+        summary = {
+            **{key: metrics[key] for key in ("best_val_auc", "best_epoch", "best_seed")},
+            "training": dataclasses.asdict(dataclasses.replace(trainers[0].config, seed=best_seed)),
+        }
         (folder_path / SUMMARY_FILE).write_text(json.dumps(summary, default=str), encoding="utf-8")
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _restore(trainer: Trainer, checkpoint: tune.Checkpoint) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _restore(trainers: list[Trainer], checkpoint: tune.Checkpoint) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     with checkpoint.as_directory() as folder:
         folder_path = Path(folder)
-        trainer.load_state_dict(torch.load(folder_path / TRAINER_STATE_FILE, weights_only=False))
+        states = torch.load(folder_path / TRAINER_STATE_FILE, weights_only=False)
+        if len(states) != len(trainers):
+            raise ValueError(
+                f"the checkpoint holds {len(states)} trainer states but the trial trains {len(trainers)} seeds. "
+                f"Resume with the --repeats of the search that saved it"
+            )
+        for trainer, state in zip(trainers, states):
+            trainer.load_state_dict(state)
         best_weights = torch.load(folder_path / BEST_MODEL_FILE, weights_only=True)
         summary = json.loads((folder_path / SUMMARY_FILE).read_text(encoding="utf-8"))
-    return {"best_val_auc": summary["best_val_auc"], "best_epoch": summary["best_epoch"]}, best_weights
+
+    best = {key: summary[key] for key in ("best_val_auc", "best_epoch", "best_seed")}
+    return best, best_weights
 
 
 def load_best_weights(checkpoint: tune.Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -116,3 +159,33 @@ def load_best_weights(checkpoint: tune.Checkpoint) -> tuple[dict[str, torch.Tens
         weights = torch.load(folder_path / BEST_MODEL_FILE, weights_only=True)
         summary = json.loads((folder_path / SUMMARY_FILE).read_text(encoding="utf-8"))
     return weights, summary
+
+
+def write_trial_artifacts(checkpoint: tune.Checkpoint, folder: Path, data: TrialData) -> list[Path]:
+    """Write a finished trial's artifacts from its latest checkpoint into folder, on the driver.
+
+    The latest checkpoint always holds the best weights so far, also for a trial that ASHA
+    stopped early. Writes ``best_model.pt`` (the model's state dict), ``training_config.json``
+    (the TrainingConfig with the seed of those weights, the image size, best epoch and
+    validation AUC) and the validation plots of ``write_validation_plots``. Returns the
+    paths written.
+    """
+    folder = Path(folder)
+    weights, summary = load_best_weights(checkpoint)
+    training = TrainingConfig.from_mapping(summary["training"])
+
+    # Plots run on the driver's CPU, where the trial's device may not exist.
+    trainer = Trainer(training, image_size=data.image_size, device=torch.device("cpu"))
+    trainer.model.load_state_dict(weights)
+
+    torch.save(weights, folder / BEST_MODEL_FILE)
+    description = {
+        "training": dataclasses.asdict(training),
+        "image_size": data.image_size,
+        "best_epoch": summary["best_epoch"],
+        "best_val_auc": summary["best_val_auc"],
+    }
+    (folder / TRAINING_CONFIG_FILE).write_text(json.dumps(description, indent=2), encoding="utf-8")
+
+    plots = write_validation_plots(trainer, data.validation_images, data.validation_labels, folder)
+    return [folder / BEST_MODEL_FILE, folder / TRAINING_CONFIG_FILE, *plots]

@@ -79,7 +79,7 @@ class SearchSpace:
     def training_values(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Return the values a trial trains with from a Tune config.
 
-        The config holds what Optuna recorded (for example `latent_dim_log2`) and the values the
+        The config contains what Optuna recorded (for example `latent_dim_log2`) and the values the
         define-by-run function returned (`latent_dim`); only the latter are training values.
         """
         names = {parameter.name for parameter in self.parameters} | set(self.constants)

@@ -13,25 +13,38 @@ from aeplat.trainers.entropy import (
 )
 from aeplat.trainers.loop import Trainer, TrainingDivergedError, resolve_device, seed_everything
 from aeplat.trainers.metrics import (
+    BinnedPixelMetrics,
     NonFiniteScoreError,
     UndefinedMetricError,
     check_both_classes,
     image_metrics,
 )
-from aeplat.trainers.models import MODEL_BUILDERS, AutoencoderOutput, ConvAutoencoder, build_model
+from aeplat.trainers.models import (
+    MODEL_BUILDERS,
+    AutoencoderOutput,
+    ContextEncodingAutoencoder,
+    ConvAutoencoder,
+    MemoryAutoencoder,
+    VariationalAutoencoder,
+    build_model,
+)
 from aeplat.trainers.scoring import ErrorMapModel, image_scores, reconstruction_error_map
 
 __all__ = [
     "MODEL_BUILDERS",
     "AutoencoderOutput",
+    "BinnedPixelMetrics",
+    "ContextEncodingAutoencoder",
     "ConvAutoencoder",
     "ErrorMapModel",
     "FactorizedEntropyModel",
+    "MemoryAutoencoder",
     "NonFiniteScoreError",
     "Trainer",
     "TrainingConfig",
     "TrainingDivergedError",
     "UndefinedMetricError",
+    "VariationalAutoencoder",
     "add_uniform_noise",
     "build_model",
     "check_both_classes",

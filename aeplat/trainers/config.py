@@ -26,6 +26,16 @@ class TrainingConfig:
         lr: learning rate of Adam.
         batch_size: number of images per training step, at least 2 for BatchNorm.
         seed: seed of weight initialisation, shuffling and latent noise, in [0, 2**32 - 1].
+        kl_weight: ``vae`` only. Weight of the KL term (summed over d, averaged over images)
+            next to the per-pixel MSE. 0.005 is the default of Cai et al. (MICCAI 2024).
+        memory_size: ``memae`` only. Number of memory items.
+        shrink_threshold: ``memae`` only. Hard-shrinkage threshold of the memory
+            addressing weights, in [0, 1). 0 turns shrinkage off.
+        memory_entropy_weight: ``memae`` only. Weight of the entropy of the addressing
+            weights in the loss.
+        erase_size: ``ceae`` only. Side of the square patch erased from each training
+            image, as a fraction of the image side in (0, 1]. The default 0.15625 erases
+            10×10 pixels at 64×64.
     """
 
     model: str = "ae"
@@ -35,6 +45,11 @@ class TrainingConfig:
     lr: float = 1e-3
     batch_size: int = 64
     seed: int = 0
+    kl_weight: float = 0.005
+    memory_size: int = 25
+    shrink_threshold: float = 0.0025
+    memory_entropy_weight: float = 0.0002
+    erase_size: float = 0.15625
 
     def __post_init__(self) -> None:
         self.validate()
@@ -48,6 +63,11 @@ class TrainingConfig:
         _check_integer("seed", self.seed, minimum=0, maximum=MAX_SEED)
         _check_real("entropy_weight", self.entropy_weight, allow_zero=True)
         _check_real("lr", self.lr, allow_zero=False)
+        _check_real("kl_weight", self.kl_weight, allow_zero=True)
+        _check_integer("memory_size", self.memory_size, minimum=1)
+        _check_fraction("shrink_threshold", self.shrink_threshold, include_zero=True, include_one=False)
+        _check_real("memory_entropy_weight", self.memory_entropy_weight, allow_zero=True)
+        _check_fraction("erase_size", self.erase_size, include_zero=False, include_one=True)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TrainingConfig:
@@ -109,3 +129,14 @@ def _check_real(name: str, value: Any, allow_zero: bool) -> None:
     if not (math.isfinite(value) and positive):
         rule = "finite and >= 0" if allow_zero else "finite and > 0"
         raise ValueError(f"{name} must be {rule}, got {value}")
+
+
+def _check_fraction(name: str, value: Any, include_zero: bool, include_one: bool) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+    above_low = value >= 0 if include_zero else value > 0
+    below_high = value <= 1 if include_one else value < 1
+    if not (math.isfinite(value) and above_low and below_high):
+        interval = f"{'[' if include_zero else '('}0, 1{']' if include_one else ')'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")

@@ -25,7 +25,7 @@ __all__ = ["TrainingConfig", "TrainingDivergedError", "Trainer", "resolve_device
 logger = logging.getLogger(__name__)
 
 # Fields of TrainingConfig that fix the shapes of the saved parameters.
-ARCHITECTURE_FIELDS = ("model", "latent_dim", "hidden_dim")
+ARCHITECTURE_FIELDS = ("model", "latent_dim", "hidden_dim", "memory_size")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -37,10 +37,12 @@ class Trainer:
 
     The loss of a batch is
 
-        MSE(reconstruction, x) + λ · mean rate / (C · H · W),
+        MSE(reconstruction, x) + sum of the model's extra losses + λ · mean rate / (C · H · W),
 
-    where MSE is the mean over all pixels, λ is ``config.entropy_weight`` and the rate is
-    the latent entropy Ĥ(z̃) in bits per image from a ``FactorizedEntropyModel``. Dividing
+    where MSE is the mean over all pixels, the extra losses are the weighted terms in
+    ``AutoencoderOutput.extra_losses`` (the VAE's KL term, the MemAE's addressing entropy),
+    λ is ``config.entropy_weight`` and the rate is the entropy Ĥ(z̃) in bits per image of
+    the latent that reaches the decoder, from a ``FactorizedEntropyModel``. Dividing
     the rate by the number of pixels gives bits per pixel, so both terms are per pixel and
     the same λ means the same trade of error per pixel for bits per pixel at any image size.
 
@@ -60,7 +62,8 @@ class Trainer:
     This does not move their minimum, because the reconstruction term does not depend on
     them, and it fits the density equally fast for every λ.
 
-    Weight initialisation, shuffling and noise are seeded from ``config.seed``, so two
+    Weight initialisation, shuffling, latent noise and the models' own random draws (VAE
+    sampling, CeAE patch positions) are seeded from ``config.seed``, so two
     trainers with the same configuration produce bit-identical results on the CPU with the
     same number of threads. The CUDA kernels of convolutions are not all deterministic, so
     runs on a GPU can differ slightly. NOTE: the CUDA path has not been run yet.
@@ -103,8 +106,10 @@ class Trainer:
     def train_epoch(self, images: np.ndarray) -> dict[str, float]:
         """Train one epoch on images (N, C, H, W) in a new random order and return mean losses.
 
-        Returns ``train_loss``, ``train_reconstruction_loss`` (MSE per pixel) and
-        ``train_rate_bits`` (bits per image, 0.0 when λ = 0), each averaged over images.
+        Returns ``train_loss``, ``train_reconstruction_loss`` (MSE per pixel),
+        ``train_rate_bits`` (bits per image, 0.0 when λ = 0) and ``train_<name>_loss`` for
+        each extra loss of the model (``train_kl_loss``, ``train_memory_entropy_loss``),
+        each averaged over images.
         A last batch of a single image is skipped, because BatchNorm cannot train on it.
         Raises TrainingDivergedError on a NaN or infinite loss, before the step that would
         apply it.
@@ -116,14 +121,14 @@ class Trainer:
         if self.entropy_model is not None:
             self.entropy_model.train()
 
-        totals = {"train_loss": 0.0, "train_reconstruction_loss": 0.0, "train_rate_bits": 0.0}
+        totals: dict[str, float] = {}
         seen = 0
         for batch_number, index in enumerate(batches):
             batch = data[index].to(self.device, non_blocking=True)
             losses = self._train_step(batch, batch_number)
 
             for name, value in losses.items():
-                totals[name] += value * len(index)
+                totals[name] = totals.get(name, 0.0) + value * len(index)
             seen += len(index)
 
         self.epoch += 1
@@ -166,8 +171,42 @@ class Trainer:
             "val_score_abnormal": float(scores[labels == ABNORMAL].mean()),
         }
 
+    def reconstruct(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Return the float32 reconstructions (N, C, H, W) of images, computed in eval mode without noise."""
+        data = self._as_tensor(images)
+        self.model.eval()
+
+        reconstructions = []
+        with torch.inference_mode():
+            for start in range(0, data.shape[0], batch_size):
+                batch = data[start : start + batch_size].to(self.device, non_blocking=True)
+                reconstructions.append(self.model(batch).reconstruction.cpu())
+
+        return torch.cat(reconstructions).numpy()
+
+    def error_maps(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Return the float32 per-pixel squared errors (N, C, H, W) of images. Higher means more abnormal.
+
+        The mean of each map is the image's score from ``score``. The result holds N·C·H·W
+        floats, so score a large set in chunks.
+        """
+        data = self._as_tensor(images)
+        self.model.eval()
+
+        maps = []
+        with torch.inference_mode():
+            for start in range(0, data.shape[0], batch_size):
+                batch = data[start : start + batch_size].to(self.device, non_blocking=True)
+                maps.append(reconstruction_error_map(self.model, batch).cpu())
+
+        return torch.cat(maps).numpy()
+
     def latents(self, images: np.ndarray, batch_size: int = 256) -> Tensor:
-        """Return the (N, d) noise-free latent codes of images on the CPU, computed in eval mode."""
+        """Return the (N, d) noise-free latents that reach the decoder, on the CPU, computed in eval mode.
+
+        These are the latents the entropy penalty acts on: the posterior mean μ of a VAE and
+        the memory readout of a MemAE.
+        """
         data = self._as_tensor(images)
         self.model.eval()
 
@@ -222,17 +261,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         if self.entropy_model is None:
-            output = self.model(batch)
+            output = self.model(batch, generator=self.generator)
             reconstruction_loss = F.mse_loss(output.reconstruction, batch)
-            value = self._checked_value(reconstruction_loss, batch_number)
-            reconstruction_loss.backward()
+            loss = reconstruction_loss + _sum_of(output.extra_losses)
+            value = self._checked_value(loss, batch_number)
+            loss.backward()
             self.optimizer.step()
-            return {"train_loss": value, "train_reconstruction_loss": value, "train_rate_bits": 0.0}
+            return {
+                "train_loss": value,
+                "train_reconstruction_loss": reconstruction_loss.item(),
+                "train_rate_bits": 0.0,
+                **_extra_loss_values(output.extra_losses),
+            }
 
         output, noisy_latent = self._forward_with_noise(batch)
         reconstruction_loss = F.mse_loss(output.reconstruction, batch)
         rate_bits = self.entropy_model(noisy_latent).mean()
-        loss = reconstruction_loss + self.config.entropy_weight * rate_bits / self.num_pixels
+        loss = reconstruction_loss + _sum_of(output.extra_losses) + self.config.entropy_weight * rate_bits / self.num_pixels
         value = self._checked_value(loss, batch_number)
 
         # The rate of the detached latent trains only the entropy model, at full strength
@@ -245,6 +290,7 @@ class Trainer:
             "train_loss": value,
             "train_reconstruction_loss": reconstruction_loss.item(),
             "train_rate_bits": rate_bits.item(),
+            **_extra_loss_values(output.extra_losses),
         }
 
     def _forward_with_noise(self, batch: Tensor) -> tuple[AutoencoderOutput, Tensor]:
@@ -256,7 +302,7 @@ class Trainer:
             noisy_latents.append(noisy)
             return noisy
 
-        output = self.model(batch, latent_noise=add_noise)
+        output = self.model(batch, latent_noise=add_noise, generator=self.generator)
         return output, noisy_latents[0]
 
     def _checked_value(self, loss: Tensor, batch_number: int) -> float:
@@ -315,6 +361,14 @@ class Trainer:
                 f"has {self.config.entropy_weight}. Both must be 0 or both must be > 0, because only λ > 0 "
                 f"trains an entropy model"
             )
+
+
+def _sum_of(losses: dict[str, Tensor]) -> Tensor | float:
+    return sum(losses.values(), 0.0)
+
+
+def _extra_loss_values(losses: dict[str, Tensor]) -> dict[str, float]:
+    return {f"train_{name}_loss": value.item() for name, value in losses.items()}
 
 
 def seed_everything(seed: int) -> None:

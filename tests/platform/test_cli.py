@@ -83,3 +83,21 @@ def test_missing_data_dir_fails_with_message(tmp_path: Path, capsys: pytest.Capt
 
     assert code == 2
     assert "no-such-folder" in capsys.readouterr().err
+
+
+def test_repeats_option_reaches_settings() -> None:
+    args = build_parser().parse_args(["search", "--dataset", "brats", "--data-dir", "data", "--repeats", "3"])
+
+    assert settings_from_args(args).repeats == 3
+    assert "--repeats" in _help_text()
+
+
+def test_combined_seed_metrics() -> None:
+    from aeplat.platform.trainable import _combine_seeds
+
+    combined = _combine_seeds([{"val_auc": 0.6, "train_loss": 1.0}, {"val_auc": 0.8, "train_loss": 3.0}], seeds=[5, 6])
+
+    assert combined["val_auc"] == pytest.approx(0.7)
+    assert combined["val_auc_std"] == pytest.approx(0.1)
+    assert combined["train_loss"] == pytest.approx(2.0)
+    assert combined["seed_6/val_auc"] == 0.8

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from aeplat.deploy import load_error_map_model, score_images
+from aeplat.deploy import load_error_map_model, load_scoring_model, score_images
 
 CASES = ("BraTS2021_00006", "Brats18_2013_3_1", "Brats18_CBICA_ABM_1")
 TRIALS = 3
@@ -95,10 +97,32 @@ def test_parent_run_logs_split_and_space(search_run: dict) -> None:
     parent = _search_runs(client)[0][0]
     artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
 
-    assert {"split.json", "search_space.json", "trials.csv"} <= artifacts
+    assert {"split.json", "search_space.json", "trials.csv", "val_auc_by_latent_dim.png"} <= artifacts
     assert parent.data.params["split.train.patients"] == "1"
     assert parent.data.params["split.train.abnormal"] == "0"
     assert parent.data.params["search.seed"] == "0"
+
+
+def test_every_trial_logs_best_model_and_plots(search_run: dict) -> None:
+    client = _client(search_run["tracking_uri"])
+
+    _, children = _search_runs(client)
+
+    expected = {"best_model.pt", "training_config.json", "reconstructions.png", "roc_curve.png", "score_histograms.png"}
+    for child in children:
+        names = {Path(item.path).name for item in client.list_artifacts(child.info.run_id, "best")}
+        assert expected <= names, child.data.tags["aeplat.trial_id"]
+        assert "aeplat.artifact_failure" not in child.data.tags
+
+
+def test_parent_run_logs_reproducibility_params(search_run: dict) -> None:
+    client = _client(search_run["tracking_uri"])
+
+    params = _search_runs(client)[0][0].data.params
+
+    assert params["search.repeats"] == "1"
+    assert params["data.cache_key"]
+    assert params["version.torch"]
 
 
 def test_champion_registered_and_tagged(search_run: dict) -> None:
@@ -123,16 +147,19 @@ def test_champion_loads_and_scores_image(search_run: dict, monkeypatch: pytest.M
     mlflow.set_tracking_uri(search_run["tracking_uri"])
     mlflow.set_registry_uri(search_run["tracking_uri"])
     try:
-        model = load_error_map_model("models:/brats-flair@champion", dst_path=search_run["work"] / "download")
+        model = load_scoring_model("models:/brats-flair@champion", dst_path=search_run["work"] / "download")
+        network = load_error_map_model("models:/brats-flair@champion", dst_path=search_run["work"] / "network")
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
     scores, error_maps = score_images(model, images)
+    network_scores, _ = score_images(network, images)
 
     assert scores.shape == (3,)
     assert error_maps.shape == (3, 1, 32, 32)
     assert np.all(np.isfinite(scores))
     assert np.all(scores >= 0)
+    np.testing.assert_allclose(network_scores, scores, rtol=0, atol=1e-6)
 
 
 def test_terminal_output_reports_result(search_run: dict) -> None:
@@ -195,3 +222,40 @@ def test_second_search_reuses_cache(brats_subset: dict, search_run: dict, tmp_pa
 
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "cache hit" in completed.stderr
+
+
+def test_impossible_gpu_request_fails_fast(brats_subset: dict, tmp_path: Path) -> None:
+    completed = _run_search(tmp_path, brats_subset, "--trials", "1", "--gpus-per-trial", "4")
+
+    assert completed.returncode == 2
+    assert "--gpus-per-trial 4 exceeds every Ray node" in " ".join(completed.stderr.split())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_search_registers_nothing(brats_subset: dict, tmp_path: Path, signum: int) -> None:
+    command = [
+        sys.executable, "-m", "aeplat.platform.cli", "search",
+        "--dataset", "brats", "--data-dir", str(brats_subset["data_dir"]), "--modality", "flair",
+        "--image-size", "32", "--epochs", "200", "--trials", "2", "--max-concurrent", "2",
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--cache-dir", str(brats_subset["cache_dir"]), "--storage", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    output = []
+    for line in process.stderr:
+        output.append(line)
+        if "started:" in line:
+            break
+    time.sleep(3)
+
+    process.send_signal(signum)
+    output.extend(process.stderr)
+    code = process.wait(timeout=120)
+
+    assert code == 130, "".join(output)[-3000:]
+    client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents, children = _search_runs(client)
+    assert parents[0].info.status == "KILLED"
+    assert children
+    assert all(child.info.status != "RUNNING" for child in children)
+    assert client.search_registered_models() == []

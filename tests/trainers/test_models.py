@@ -113,7 +113,7 @@ def test_build_model_ae() -> None:
 
 def test_build_model_unknown_name() -> None:
     # TrainingConfig itself rejects unknown names, so a plain namespace replaces it here.
-    config = SimpleNamespace(model="vae", latent_dim=16, hidden_dim=64)
+    config = SimpleNamespace(model="gan", latent_dim=16, hidden_dim=64)
 
-    with pytest.raises(ValueError, match="unknown model 'vae'. Supported models: ae"):
+    with pytest.raises(ValueError, match="unknown model 'gan'. Supported models: ae, ceae, memae, vae"):
         build_model(config, image_size=32)
