@@ -42,6 +42,7 @@ def prepare_dataset(
     scan = adapter.scan(data_dir, settings)
     report = BadFileReport(on_bad_file, data_dir)
     report.add_all(scan.bad_files)
+    report.raise_if_failed()
     key = cache_key(
         fingerprint_files(scan.source_files, known_digests),
         {"dataset": adapter.name, "on_bad_file": on_bad_file, **settings.as_dict()},
@@ -56,7 +57,12 @@ def prepare_dataset(
             progress(len(scan.items), len(scan.items))
         return _prepared(slices, key, True, scan.source_files, [BadFile(name, reason) for name, reason in skipped])
 
-    slices = adapter.load(scan, settings, report, progress)
+    try:
+        slices = adapter.load(scan, settings, report, progress)
+    finally:
+        # Under "fail", every file that failed to decode is listed at once, even when the
+        # failures left nothing to load.
+        report.raise_if_failed()
     check_usable(slices, adapter.name, data_dir, report.files)
     if cache is not None:
         save_or_warn(cache, key, slices, [(bad.name, bad.reason) for bad in report.files])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,7 @@ from aeplat.data.errors import DatasetError
 from aeplat.platform.cli_data import add_data_parser, add_dataset_options, check_modality_option, data_options_from_args, run_data
 from aeplat.platform.cli_k8s import add_k8s_parser, run_k8s
 from aeplat.platform.cli_score import add_score_parser, run_score
+from aeplat.platform import signals
 from aeplat.platform.signals import raise_keyboard_interrupt_on_sigterm
 from aeplat.platform.settings import DATASETS, SearchSettings, SettingsError
 from aeplat.search_spaces import SearchSpaceError
@@ -72,7 +74,12 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     compute.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions such as 0.25 share one GPU (default: %(default)s)")
     compute.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="torch device; auto uses CUDA when the trial has a GPU (default: %(default)s)")
     compute.add_argument("--ray-address", default=None, help="address of a running Ray cluster (default: $RAY_ADDRESS, else an embedded Ray on 127.0.0.1)")
-    compute.add_argument("--storage", type=Path, default=Path("aeplat-runs"), help="folder of Ray Tune's trial results and checkpoints (default: %(default)s)")
+    compute.add_argument(
+        "--storage",
+        type=_data_dir_argument,
+        default=Path("aeplat-runs"),
+        help="folder or s3://BUCKET/PREFIX of Ray Tune's trial results and checkpoints; every node must reach it (default: %(default)s)",
+    )
 
     tracking = parser.add_argument_group("tracking")
     tracking.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
@@ -156,7 +163,7 @@ def _search(args: argparse.Namespace, console: Console) -> int:
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] the search stopped early; its MLflow runs are marked KILLED and no model was registered.")
-        return 130
+        return 128 + (signals.received_signal or signal.SIGINT)
 
     console.print(
         f"Search finished in {outcome.wall_time_s:.0f} s: best validation AUC {outcome.best_val_auc:.4f}, "

@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 from rich.console import Console
 
+from aeplat.data.errors import DatasetError
 from aeplat.platform import k8s
+from aeplat.platform.settings import SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def run_k8s(args: argparse.Namespace, console: Console) -> int:
     """Run the chosen `aeplat k8s` subcommand and return the exit status."""
     try:
         manifest = render_job(args)
-    except k8s.RenderError as error:
+    except (k8s.RenderError, DatasetError, SettingsError) as error:
         console.print(f"[bold red]error:[/] {error}")
         return 2
 
@@ -217,6 +219,28 @@ def _check_locations(args: argparse.Namespace) -> None:
         f"--data-dir {args.data_dir!r} is not readable in the pods. Pass --data-dir s3://BUCKET/PREFIX, or "
         f"--data-claim CLAIM with --data-dir {DATA_MOUNT}/FOLDER.",
     )
+    _require(
+        args.ray_address is None,
+        "--ray-address does not apply to a RayJob: the job runs on the cluster that KubeRay creates for it.",
+    )
+    tracking_uri = getattr(args, "tracking_uri", None)
+    _require(
+        tracking_uri is None or tracking_uri.startswith(("http://", "https://")),
+        f"--tracking-uri {tracking_uri!r} would keep the MLflow store inside the job's pod, which is deleted after the job. "
+        "Omit it to use the in-cluster MLflow server from the aeplat-settings ConfigMap, or pass its http:// address.",
+    )
+    for option in ("search_space", "labels_csv", "image_dir", "patient_csv", "mask_dir", "cache_dir"):
+        value = getattr(args, option, None)
+        if value is None:
+            continue
+        text = str(value)
+        flag = "--" + option.replace("_", "-")
+        inside_pod = text.startswith(DATA_MOUNT + "/") and args.data_claim is not None
+        _require(
+            inside_pod or (option == "cache_dir" and text.startswith("/")),
+            f"{flag} {text!r} is not readable in the pods. Put the file on the data volume "
+            f"(--data-claim CLAIM with {flag} {DATA_MOUNT}/...).",
+        )
 
 
 def _require_positive(option: str, value: int) -> None:

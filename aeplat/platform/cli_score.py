@@ -66,6 +66,10 @@ def run_score(args: argparse.Namespace, console: Console) -> int:
     """Score the files of `args` and print a table. Return 0, 1 when a file failed, 2 when the model failed to load."""
     from aeplat.deploy.files import SCORES_CSV_NAME, score_files, write_scores_csv
 
+    if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
+        console.print(f"[bold red]error:[/] --output-dir {escape(str(args.output_dir))} is a file; pass a folder for the heatmaps.")
+        return 2
+
     tracking_uri = args.tracking_uri or env.tracking_uri_from_env() or DEFAULT_TRACKING_URI
     model_uri = model_uri_from_argument(args.model)
     model = _load_model(model_uri, tracking_uri, console)

@@ -81,13 +81,14 @@ class SearchProgress(Callback):
 def best_trials_table(rows: list[dict[str, Any]], limit: int = 5) -> Table:
     """Build a table of the best trials, highest best validation AUC first."""
     table = Table(title="Best trials")
-    for column in ("trial", "d", "λ", "lr", "epochs", "best val AUC", "status"):
+    for column in ("trial", "model", "d", "λ", "lr", "epochs", "best val AUC", "status"):
         table.add_column(column, no_wrap=True)
 
     ranked = sorted(rows, key=lambda row: _sort_key(row.get("best_val_auc")), reverse=True)
     for row in ranked[:limit]:
         table.add_row(
             str(row.get("trial_id", "")),
+            str(row.get("model", "")),
             str(row.get("latent_dim", "")),
             _format_number(row.get("entropy_weight")),
             _format_number(row.get("lr")),

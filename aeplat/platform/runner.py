@@ -39,6 +39,7 @@ from aeplat.platform.search import (
 )
 from aeplat.platform.settings import SearchSettings
 from aeplat.platform.signals import raise_keyboard_interrupt_on_sigterm
+from aeplat.platform.storage import is_s3_uri, parse_s3_uri, resolve_endpoint_url
 from aeplat.platform.tracking import (
     SEARCH_RUN_TAG,
     TRIAL_ID_TAG,
@@ -296,7 +297,7 @@ def _run_trials(
         ),
         run_config=tune.RunConfig(
             name=f"{settings.registered_model_name}-{parent_id[:8]}",
-            storage_path=str(Path(settings.storage).resolve()),
+            **_storage_arguments(settings),
             callbacks=[mlflow_callback, progress],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
@@ -311,6 +312,27 @@ def _run_trials(
         progress.stop()
         if started_ray:
             ray.shutdown()
+
+
+def _storage_arguments(settings: SearchSettings) -> dict[str, Any]:
+    """Return Ray Tune's storage_path, and for S3 an explicit filesystem.
+
+    pyarrow, which Tune uses for storage, ignores AWS_ENDPOINT_URL, so an S3-compatible store
+    (MinIO, moto) is reached only through a filesystem built with its endpoint.
+    """
+    if not is_s3_uri(settings.storage):
+        return {"storage_path": str(Path(settings.storage).resolve())}
+
+    location = parse_s3_uri(str(settings.storage))
+    endpoint = resolve_endpoint_url(settings.s3_endpoint_url)
+    if endpoint is None:
+        return {"storage_path": f"s3://{location.bucket}/{location.prefix}".rstrip("/")}
+
+    from pyarrow import fs
+
+    scheme = "https" if endpoint.startswith("https://") else "http"
+    filesystem = fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme)
+    return {"storage_path": f"{location.bucket}/{location.prefix}".rstrip("/"), "storage_filesystem": filesystem}
 
 
 def _trial_dirname(trial: Any) -> str:

@@ -39,7 +39,8 @@ class SearchSettings:
     ray_address: str | None = None
     tracking_uri: str | None = None
     experiment: str | None = None
-    storage: Path = field(default_factory=lambda: Path("aeplat-runs"))
+    # A str for an s3:// URI, because Path would collapse its double slash.
+    storage: Path | str = field(default_factory=lambda: Path("aeplat-runs"))
     cache_dir: Path | None = None
     s3_endpoint_url: str | None = None
     search_space: Path | None = None

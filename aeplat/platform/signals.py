@@ -7,6 +7,19 @@ import threading
 from types import FrameType
 
 
+# Number of the last signal the handler turned into an exception. Libraries may replace the
+# exception on its way up (Ray Tune does), so the exit status is taken from here.
+received_signal: int | None = None
+
+
+class Terminated(KeyboardInterrupt):
+    """KeyboardInterrupt raised for SIGTERM, with the signal number for the exit status 128 + N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 def raise_keyboard_interrupt_on_sigterm() -> None:
     """Turn SIGTERM (kill, timeout, a Kubernetes pod eviction) into KeyboardInterrupt.
 
@@ -19,6 +32,8 @@ def raise_keyboard_interrupt_on_sigterm() -> None:
         return
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        global received_signal
+        received_signal = signum
+        raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, handle)

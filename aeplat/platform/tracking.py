@@ -28,7 +28,7 @@ FAILURE_TAG = "aeplat.failure_reason"
 STOPPED_EARLY_TAG = "aeplat.stopped_early"
 ARTIFACT_FAILURE_TAG = "aeplat.artifact_failure"
 
-# Folder of a child run's artifacts that holds the trial's best model and validation plots.
+# Folder of a child run's artifacts that contains the trial's best model and validation plots.
 TRIAL_ARTIFACT_PATH = "best"
 
 # Prefixes of further trial result keys logged every epoch: the models' extra losses

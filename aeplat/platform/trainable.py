@@ -33,7 +33,7 @@ TRAINING_CONFIG_FILE = "training_config.json"
 
 @dataclass(frozen=True)
 class TrialData:
-    """What every trial of a search shares. Ray puts it in the object store once per search."""
+    """Arrays and settings shared by every trial of a search. Ray puts them in the object store once."""
 
     train_images: np.ndarray
     validation_images: np.ndarray
@@ -67,9 +67,9 @@ def run_trial(config: dict[str, Any], data: TrialData) -> None:
     Seeds are data.seed, data.seed + 1, and so on, and every epoch trains each model once.
     ``val_auc`` and the other shared keys are means over the seeds, ``val_auc_std`` is the
     population standard deviation of the AUC over the seeds (0.0 for one seed), and
-    ``seed_<seed>/<key>`` holds each seed's own value. ``best_val_auc`` is the best mean
+    ``seed_<seed>/<key>`` contains each seed's own value. ``best_val_auc`` is the best mean
     AUC so far. A checkpoint is saved whenever it improves and after the last epoch. It
-    holds every trainer's state (to resume) and the weights of the seed with the highest
+    contains every trainer's state (to resume) and the weights of the seed with the highest
     AUC at the best epoch (to register).
     """
     torch.set_num_threads(max(1, int(data.cpus_per_trial)))
@@ -121,6 +121,9 @@ def _combine_seeds(per_seed: list[dict[str, float]], seeds: list[int]) -> dict[s
 
 
 def _report_with_checkpoint(metrics: dict[str, Any], trainers: list[Trainer], best_weights: dict[str, torch.Tensor]) -> None:
+    # NOTE: when ASHA stops a trial, Ray may end its process inside tune.report, and this
+    # folder (about 40 MB at hidden width 1024) stays in the system temporary folder. The
+    # trial's own folder is no place for it, because Tune uploads that folder while it runs.
     with tempfile.TemporaryDirectory(prefix="aeplat-checkpoint-") as folder:
         folder_path = Path(folder)
         torch.save([trainer.state_dict() for trainer in trainers], folder_path / TRAINER_STATE_FILE)
@@ -140,7 +143,7 @@ def _restore(trainers: list[Trainer], checkpoint: tune.Checkpoint) -> tuple[dict
         states = torch.load(folder_path / TRAINER_STATE_FILE, weights_only=False)
         if len(states) != len(trainers):
             raise ValueError(
-                f"the checkpoint holds {len(states)} trainer states but the trial trains {len(trainers)} seeds. "
+                f"the checkpoint contains {len(states)} trainer states but the trial trains {len(trainers)} seeds. "
                 f"Resume with the --repeats of the search that saved it"
             )
         for trainer, state in zip(trainers, states):
@@ -164,7 +167,7 @@ def load_best_weights(checkpoint: tune.Checkpoint) -> tuple[dict[str, torch.Tens
 def write_trial_artifacts(checkpoint: tune.Checkpoint, folder: Path, data: TrialData) -> list[Path]:
     """Write a finished trial's artifacts from its latest checkpoint into folder, on the driver.
 
-    The latest checkpoint always holds the best weights so far, also for a trial that ASHA
+    The latest checkpoint always contains the best weights so far, also for a trial that ASHA
     stopped early. Writes ``best_model.pt`` (the model's state dict), ``training_config.json``
     (the TrainingConfig with the seed of those weights, the image size, best epoch and
     validation AUC) and the validation plots of ``write_validation_plots``. Returns the

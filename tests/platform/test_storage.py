@@ -395,13 +395,16 @@ def test_search_reads_brats_from_s3(brats_dir: Path, moto_endpoint: str, tmp_pat
         "--modality", "flair", "--image-size", "32", "--trials", "2", "--epochs", "2", "--grace-period", "1",
         "--max-concurrent", "2",
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--cache-dir", str(tmp_path / "cache"), "--storage", str(tmp_path / "runs"),
+        "--cache-dir", str(tmp_path / "cache"), "--storage", "s3://scans/tune-runs",
     ]  # fmt: skip
 
     completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ})
 
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert f"{len(objects)} objects downloaded" in " ".join(completed.stderr.split())
+    stored = _client(moto_endpoint).list_objects_v2(Bucket="scans", Prefix="tune-runs/")
+    stored_keys = [item["Key"] for item in stored.get("Contents", [])]
+    assert any(key.endswith("/checkpoint_000000/best_model.pt") or "/checkpoint_" in key for key in stored_keys), stored_keys[:20]
     manifests = list((tmp_path / "cache" / "s3-manifests").glob("*.json"))
     assert len(manifests) == 1
     assert set(json.loads(manifests[0].read_text())["objects"]) == set(objects)

@@ -44,7 +44,7 @@ class BadFile:
 
 
 class BadFileReport:
-    """Collects bad files under a policy: "fail" raises DatasetError at the first, "skip" records them."""
+    """Collects bad files. Under the policy "fail", `raise_if_failed` raises one DatasetError listing all of them."""
 
     def __init__(self, policy: str, data_dir: Path) -> None:
         check_bad_file_policy(policy)
@@ -53,19 +53,19 @@ class BadFileReport:
         self.files: list[BadFile] = []
 
     def add(self, path: Path | str, reason: str) -> None:
-        """Record one bad file, or raise DatasetError when the policy is "fail"."""
+        """Record one bad file."""
         self.add_all([BadFile(self.display_name(path), reason)])
 
     def add_all(self, bad_files: Sequence[BadFile]) -> None:
-        """Record bad files, or raise one DatasetError listing all of them when the policy is "fail"."""
-        if not bad_files:
-            return
-        if self.policy == "fail":
-            raise DatasetError(bad_files_message(bad_files, self.data_dir))
-
+        """Record bad files. The caller goes on without them, so one run finds every bad file."""
         for bad_file in bad_files:
-            logger.debug("Skipping %s: %s", bad_file.name, bad_file.reason)
+            logger.debug("Bad file %s: %s", bad_file.name, bad_file.reason)
         self.files.extend(bad_files)
+
+    def raise_if_failed(self) -> None:
+        """Raise one DatasetError listing every recorded bad file when the policy is "fail"."""
+        if self.policy == "fail" and self.files:
+            raise DatasetError(bad_files_message(self.files, self.data_dir))
 
     def display_name(self, path: Path | str) -> str:
         """Return the path relative to the data folder, or its file name when it lies outside."""

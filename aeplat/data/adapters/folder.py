@@ -117,6 +117,19 @@ def compile_patient_pattern(pattern: str) -> re.Pattern[str]:
     return compiled
 
 
+def _check_every_class_found(data_dir: Path, settings: FolderSettings, found: set[str]) -> None:
+    """Raise DatasetError naming each --normal-classes or --abnormal-classes folder with no image."""
+    missing = [name for name in (*settings.normal_classes, *settings.abnormal_classes) if name not in found]
+    if not missing:
+        return
+
+    folders = sorted({path.name for path in data_dir.rglob("*") if path.is_dir()})
+    raise DatasetError(
+        f"No image found under a folder named {', '.join(missing)} in {data_dir}; folder names are case-sensitive. "
+        f"Folders found: {', '.join(folders[:20]) or 'none'}. Fix --normal-classes or --abnormal-classes."
+    )
+
+
 class FolderAdapter(DatasetAdapter):
     """The folder dataset: class folders mapped to normal and abnormal by name."""
 
@@ -150,6 +163,7 @@ class FolderAdapter(DatasetAdapter):
         classified, ignored = _classify(data_dir, settings, mask_dir)
         if not classified:
             raise DatasetError(_no_class_folders_message(data_dir, settings, ignored))
+        _check_every_class_found(data_dir, settings, {class_name for _, class_name, _ in classified})
         if ignored:
             logger.info("Ignored %d image files outside the class folders.", len(ignored))
 
