@@ -90,7 +90,7 @@ class SliceSet:
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """Patient-disjoint splits: train holds normal images only, validation and test both classes."""
+    """Patient-disjoint splits: train contains normal images only, validation and test both classes."""
 
     train: SliceSet
     validation: SliceSet

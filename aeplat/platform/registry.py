@@ -185,7 +185,7 @@ def register_model(
     """Register a logged model and give it the champion alias if its validation AUC is higher.
 
     The version is created with all its tags in one call, so a failure never leaves an untagged
-    version behind; the alias moves only after the version exists.
+    version behind. The alias moves only after the version exists.
     """
     previous_version, previous_auc = current_champion(client, model_name)
 

@@ -211,7 +211,7 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
             pass
     except OSError as error:
         raise SearchError(
-            f"The Ray cluster at {address} does not answer ({error}). Check --ray-address or $RAY_ADDRESS, "
+            f"The Ray cluster at {address} does not accept connections ({error}). Check --ray-address or $RAY_ADDRESS, "
             "or omit both to start an embedded Ray."
         ) from error
 

@@ -179,7 +179,7 @@ def _check_tracking_server(uri: str, timeout_s: float) -> None:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
     except requests.RequestException as error:
         raise SettingsError(
-            f"The MLflow server at {uri} does not answer ({type(error).__name__}). "
+            f"The MLflow server at {uri} cannot be reached ({type(error).__name__}). "
             "Start it, or check --tracking-uri and $MLFLOW_TRACKING_URI."
         ) from error
 

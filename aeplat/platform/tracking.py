@@ -75,8 +75,8 @@ def _truncate(text: str) -> str:
 class MlflowTrialCallback(Callback):
     """Tune callback that mirrors every trial into a child run of the search's parent run.
 
-    Parameters are the trial's training values; metrics are logged per epoch with the epoch as
-    step; a trial that raises ends as FAILED with the reason in the `aeplat.failure_reason` tag.
+    Parameters are the trial's training values. Metrics are logged per epoch, with the epoch as
+    step. A trial that raises ends as FAILED, with the reason in the `aeplat.failure_reason` tag.
 
     When a trial completes, finished or stopped early by the scheduler, ``artifact_writer``
     (if given) receives the trial's latest checkpoint and an empty folder, and everything it

@@ -187,7 +187,7 @@ class Trainer:
     def error_maps(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Return the float32 per-pixel squared errors (N, C, H, W) of images. Higher means more abnormal.
 
-        The mean of each map is the image's score from ``score``. The result holds N·C·H·W
+        The mean of each map is the image's score from ``score``. The result contains N·C·H·W
         floats, so score a large set in chunks.
         """
         data = self._as_tensor(images)

@@ -98,7 +98,7 @@ class BinnedPixelMetrics:
     counted in the first or last bin (``out_of_range_count`` counts them). The metrics
     treat every bin as one score, so pixels of both classes in the same bin count as ties:
 
-    - ``auc`` is exact when no bin holds scores that differ, and otherwise off by at most
+    - ``auc`` is exact when no bin contains scores that differ, and otherwise off by at most
       ``auc_error_bound()``.
     - ``ap`` is average precision as scikit-learn defines it, sum over thresholds of
       (Rₙ - Rₙ₋₁) · Pₙ, with one threshold per bin edge.

@@ -6,7 +6,7 @@ the others are abnormal. The class folders lie in the data folder itself or unde
 
 The dataset has no patient ids, so each image is its own patient (its path without
 suffix). Slices of one patient can then land in two splits, which makes validation and
-test AUC optimistic. A WARNING says so on every scan.
+test AUC optimistic. Every scan logs a WARNING about it.
 """
 
 from __future__ import annotations
