@@ -67,6 +67,11 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
             "and each run's metrics as seed_<seed>/<metric>, and costs REPEATS times the compute (default: %(default)s)"
         ),
     )
+    search.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest interrupted search with the same data, space and search settings, found through its MLflow parent run (default: start a new search)",
+    )
     search.add_argument("--search-space", type=Path, default=None, help="YAML search space to use instead of the shipped one (default: aeplat/search_spaces/<dataset>.yaml)")
 
     compute = parser.add_argument_group("compute")
@@ -140,6 +145,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         max_failures=args.max_failures,
         device=args.device,
         repeats=args.repeats,
+        resume=args.resume,
         data_options=data_options_from_args(args),
         on_bad_file=args.on_bad_file,
     )

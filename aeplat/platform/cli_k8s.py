@@ -78,6 +78,8 @@ def render_job(args: argparse.Namespace) -> dict[str, Any]:
     _check_cluster_options(args)
     _derive_trial_resources(args)
     _check_locations(args)
+    # A retried job runs the same entrypoint, which then continues the interrupted search.
+    args.resume = True
 
     name = args.name or k8s.job_name(args.dataset, _model_modality(args))
     k8s.validate_name("--name", name)

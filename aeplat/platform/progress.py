@@ -53,6 +53,9 @@ class SearchProgress(Callback):
         return f"running {len(self._running)} · failed {self._failed} · best val AUC {best}"
 
     def _refresh(self) -> None:
+        if self._progress is None:
+            # A callback restored from Tune's saved state was never started.
+            self.start()
         if self._progress is None or self._task_id is None:
             return
         self._progress.update(self._task_id, completed=self._finished + self._failed, description=self._describe())

@@ -66,6 +66,8 @@ def _quiet_library_loggers() -> None:
     for name in _LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
+SEARCH_KEY_TAG = "aeplat.search_key"
+
 _TRIAL_COLUMNS = (
     "trial_id",
     "status",
@@ -94,18 +96,31 @@ def run(
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, settings.experiment_name)
-    parent = client.create_run(
-        experiment_id,
-        run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={"aeplat.kind": "search", "dataset": settings.dataset, "modality": settings.model_modality},
-    )
-    parent_id = parent.info.run_id
+    search_key = settings.search_key(space.describe())
+    parent_id = _resumable_search(client, experiment_id, search_key) if settings.resume else None
+    resuming = parent_id is not None
+    if resuming:
+        client.update_run(parent_id, status="RUNNING")
+        logger.info("Resuming search run %s in experiment %r (%s).", parent_id, settings.experiment_name, tracking_uri)
+    else:
+        parent = client.create_run(
+            experiment_id,
+            run_name=f"search-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={
+                "aeplat.kind": "search",
+                SEARCH_KEY_TAG: search_key,
+                "dataset": settings.dataset,
+                "modality": settings.model_modality,
+            },
+        )
+        parent_id = parent.info.run_id
+        logger.info("MLflow parent run %s in experiment %r (%s).", parent_id, settings.experiment_name, tracking_uri)
     outcome = SearchOutcome(parent_run_id=parent_id, experiment_id=experiment_id, tracking_uri=tracking_uri, trials=[])
-    logger.info("MLflow parent run %s in experiment %r (%s).", parent_id, settings.experiment_name, tracking_uri)
 
     try:
-        _log_search_inputs(client, parent_id, settings, space, splits, cache_key, skipped_files)
-        results = _run_trials(settings, space, splits, tracking_uri, experiment_id, parent_id, console)
+        if not resuming:
+            _log_search_inputs(client, parent_id, settings, space, splits, cache_key, skipped_files)
+        results = _run_trials(settings, space, splits, tracking_uri, experiment_id, parent_id, console, resuming)
         outcome.trials = _trial_rows(results, space, settings.epochs)
         _log_trial_table(client, parent_id, outcome.trials)
         _finish_with_best_trial(client, settings, space, splits, results, outcome)
@@ -120,6 +135,23 @@ def run(
     if console is not None:
         console.print(best_trials_table(outcome.trials))
     return outcome
+
+
+def _resumable_search(client: MlflowClient, experiment_id: str, search_key: str) -> str | None:
+    """Return the newest search run with this key unless it finished; None means start a new search."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SEARCH_KEY_TAG}` = '{search_key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        logger.info("No earlier search with these settings to resume; starting a new one.")
+        return None
+    if runs[0].info.status == "FINISHED":
+        logger.info("The newest search with these settings (%s) finished; starting a new one.", runs[0].info.run_id)
+        return None
+    return runs[0].info.run_id
 
 
 def _end_open_child_runs(client: MlflowClient, experiment_id: str, parent_id: str, status: str) -> None:
@@ -243,6 +275,7 @@ def _run_trials(
     experiment_id: str,
     parent_id: str,
     console: Any,
+    resuming: bool = False,
 ) -> tune.ResultGrid:
     data = TrialData(
         train_images=splits.train.images,
@@ -287,7 +320,49 @@ def _run_trials(
         tune.with_parameters(run_trial, data=data),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
-    tuner = tune.Tuner(
+    storage = _storage_arguments(settings)
+    name = f"{settings.registered_model_name}-{parent_id[:8]}"
+    if resuming:
+        tuner = _restore_tuner(trainable, storage, name)
+    else:
+        tuner = _new_tuner(trainable, settings, searcher, scheduler, storage, name, [mlflow_callback, progress])
+
+    if not resuming:
+        progress.start()
+    try:
+        return tuner.fit()
+    finally:
+        progress.stop()
+        if started_ray:
+            ray.shutdown()
+
+
+def _restore_tuner(trainable: Any, storage: dict[str, Any], name: str) -> tune.Tuner:
+    """Restore an interrupted search from Tune's experiment state, with Optuna's history and every trial.
+
+    The callbacks come back from the saved state, so they write to the same MLflow runs.
+    """
+    path = f"{storage['storage_path']}/{name}"
+    filesystem = storage.get("storage_filesystem")
+    if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        raise SearchError(f"No Ray Tune state to resume at {path}. Check --storage, or run the search without --resume.")
+
+    logger.info("Restoring Ray Tune's experiment state from %s.", path)
+    return tune.Tuner.restore(
+        path, trainable=trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=filesystem
+    )
+
+
+def _new_tuner(
+    trainable: Any,
+    settings: SearchSettings,
+    searcher: OptunaSearch,
+    scheduler: ASHAScheduler,
+    storage: dict[str, Any],
+    name: str,
+    callbacks: list[Any],
+) -> tune.Tuner:
+    return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
@@ -296,22 +371,14 @@ def _run_trials(
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=f"{settings.registered_model_name}-{parent_id[:8]}",
-            **_storage_arguments(settings),
-            callbacks=[mlflow_callback, progress],
+            name=name,
+            **storage,
+            callbacks=callbacks,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             verbose=0,
         ),
     )
-
-    progress.start()
-    try:
-        return tuner.fit()
-    finally:
-        progress.stop()
-        if started_ray:
-            ray.shutdown()
 
 
 def _storage_arguments(settings: SearchSettings) -> dict[str, Any]:

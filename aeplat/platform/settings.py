@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ class SearchSettings:
     max_failures: int = 0
     device: str = "auto"
     repeats: int = 1
+    resume: bool = False
     data_options: DataOptions = field(default_factory=DataOptions)
     on_bad_file: str = "fail"
 
@@ -101,6 +105,18 @@ class SearchSettings:
         )
         _require(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}.")
         _require(self.repeats >= 1, f"--repeats must be at least 1, got {self.repeats}.")
+
+    def search_key(self, space_description: dict[str, Any]) -> str:
+        """Return a key of the settings that define a search's trials, to find the search again.
+
+        Options that change only where or how fast trials run (concurrency, resources, Ray
+        address, storage, tracking store, cache, --resume) are left out, so a search
+        interrupted on one machine can resume on another.
+        """
+        volatile = {"max_concurrent", "cpus_per_trial", "gpus_per_trial", "ray_address", "tracking_uri", "storage", "cache_dir", "resume", "device", "max_failures", "s3_endpoint_url"}
+        values = {key: value for key, value in self.as_params().items() if key not in volatile}
+        text = json.dumps({"settings": values, "space": space_description}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def as_params(self) -> dict[str, Any]:
         """Return the settings as flat strings for MLflow params."""

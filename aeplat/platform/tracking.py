@@ -123,7 +123,12 @@ class MlflowTrialCallback(Callback):
         return dict(self._run_ids)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        if trial.trial_id in self._run_ids:
+        run_id = self._run_ids.get(trial.trial_id) or self._find_trial_run(trial.trial_id)
+        if run_id is not None:
+            # A resumed search continues the trial's run instead of starting a second one.
+            self._run_ids[trial.trial_id] = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            logger.info("Trial %s resumed in MLflow run %s.", trial.trial_id, run_id)
             return
 
         tags = {
@@ -137,6 +142,14 @@ class MlflowTrialCallback(Callback):
         values = self._training_values(trial.config)
         log_params(self.client, run.info.run_id, values)
         logger.info("Trial %s started: %s", trial.trial_id, _format_values(values))
+
+    def _find_trial_run(self, trial_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [self._experiment_id],
+            filter_string=f"tags.`{SEARCH_RUN_TAG}` = '{self._parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         run_id = self._run_ids.get(trial.trial_id)

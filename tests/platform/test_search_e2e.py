@@ -259,3 +259,39 @@ def test_interrupted_search_registers_nothing(brats_subset: dict, tmp_path: Path
     assert children
     assert all(child.info.status != "RUNNING" for child in children)
     assert client.search_registered_models() == []
+
+
+def test_interrupted_search_resumes_same_runs(brats_subset: dict, tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "aeplat.platform.cli", "search",
+        "--dataset", "brats", "--data-dir", str(brats_subset["data_dir"]), "--modality", "flair",
+        "--image-size", "32", "--epochs", "4", "--grace-period", "4", "--trials", "3", "--max-concurrent", "1",
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--cache-dir", str(brats_subset["cache_dir"]), "--storage", str(tmp_path / "runs"), "--resume",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    output = []
+    started = 0
+    for line in process.stderr:
+        output.append(line)
+        started += "started:" in line
+        if started == 2:
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    output.extend(process.stderr)
+    assert process.wait(timeout=120) == 130, "".join(output)[-3000:]
+
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ})
+
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resuming search run" in resumed.stderr
+    client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents, children = _search_runs(client)
+    trial_ids = [child.data.tags["aeplat.trial_id"] for child in children]
+    assert len(parents) == 1
+    assert parents[0].info.status == "FINISHED"
+    assert len(trial_ids) == 3
+    assert len(set(trial_ids)) == 3
+    assert all(child.info.status == "FINISHED" for child in children)
+    assert len(client.search_model_versions("name = 'brats-flair'")) == 1
