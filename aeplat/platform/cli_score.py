@@ -130,6 +130,9 @@ def _scores_table(rows: list[ImageScore], model_uri: str) -> Table:
     for row in rows:
         slice_text = "" if row.slice_index < 0 else str(row.slice_index)
         score_text = "" if row.score is None else f"{row.score:.6f}"
-        detail = Text(row.error, style="red") if row.error else Text(str(row.heatmap) if row.heatmap else "")
+        if row.error:
+            detail = Text(row.error, style="red")
+        else:
+            detail = Text("" if row.heatmap is None else str(row.heatmap))
         table.add_row(Text(str(row.path)), slice_text, score_text, detail)
     return table

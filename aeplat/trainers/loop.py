@@ -39,9 +39,9 @@ class Trainer:
 
         MSE(reconstruction, x) + sum of the model's extra losses + λ · mean rate / (C · H · W),
 
-    where MSE is the mean over all pixels, the extra losses are the weighted terms in
-    ``AutoencoderOutput.extra_losses`` (the VAE's KL term, the MemAE's addressing entropy),
-    λ is ``config.entropy_weight`` and the rate is the entropy Ĥ(z̃) in bits per image of
+    where MSE is the mean over all pixels. The extra losses are the weighted terms in
+    ``AutoencoderOutput.extra_losses`` (the VAE's KL term, the MemAE's addressing entropy).
+    λ is ``config.entropy_weight``, and the rate is the entropy Ĥ(z̃) in bits per image of
     the latent that reaches the decoder, from a ``FactorizedEntropyModel``. Dividing
     the rate by the number of pixels gives bits per pixel, so both terms are per pixel and
     the same λ means the same trade of error per pixel for bits per pixel at any image size.

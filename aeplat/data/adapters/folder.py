@@ -1,12 +1,16 @@
 """Any tree of PNG, JPEG, DICOM or 2-D NIfTI images whose folder names give the class.
 
 An image's class is the name of its nearest enclosing folder that appears in
-normal_classes or abnormal_classes; images under no such folder are ignored. The patient
-of an image comes from, in this order: the patient CSV (columns file and patient, where
-file is the path relative to the data folder or the file name), the patient id pattern (a
-regular expression searched in the file name, with a named group `patient`), the DICOM
-PatientID (pseudonymised by aeplat.data.images), and finally the file's path without suffix,
-with a WARNING that images of one patient may then land in two splits.
+normal_classes or abnormal_classes. Images under no such folder are ignored. The patient of
+an image comes from the first of these that applies:
+
+1. the patient CSV, with columns file and patient (file is the path relative to the data
+   folder, or the file name);
+2. the patient id pattern, a regular expression searched in the file name with a named
+   group `patient`;
+3. the DICOM PatientID, pseudonymised by aeplat.data.images;
+4. the file's path without suffix, with a WARNING that images of one patient may then land
+   in two splits.
 
 Lesion masks are optional: with mask_dir, the mask of an image is the file in mask_dir with
 the same name without suffix. An abnormal image without a mask is a bad file, and a normal

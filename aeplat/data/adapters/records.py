@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from nibabel.filebasedimages import ImageFileError
 
-from aeplat.data.adapters.base import BadFile, BadFileReport, ProgressCallback, Scan
+from aeplat.data.adapters.base import BadFile, BadFileReport, ProgressCallback, Scan, check_folder
 from aeplat.data.errors import DatasetError
 from aeplat.data.nifti import AFFINE_TOLERANCE
 from aeplat.data.images import read_image, resize_image
@@ -77,6 +77,14 @@ def file_stem(path: Path) -> str:
     """Return the file name without its suffix (.nii.gz counts as one)."""
     suffix = file_suffix(path)
     return path.name[: len(path.name) - len(suffix)] if suffix else path.name
+
+
+def resolve_image_dir(data_dir: Path, image_dir: Path | None, default_name: str, what: str) -> Path:
+    """Return --image-dir, else the data folder's `default_name` subfolder when present, else the data folder."""
+    if image_dir is None:
+        subfolder = data_dir / default_name
+        image_dir = subfolder if subfolder.is_dir() else data_dir
+    return check_folder(image_dir, what, "--image-dir")
 
 
 def list_image_files(folder: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> list[Path]:

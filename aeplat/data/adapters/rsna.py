@@ -1,8 +1,8 @@
 """RSNA Pneumonia Detection Challenge chest X-rays: `<patientId>.dcm` files and the challenge's label tables.
 
-Labels come from `stage_2_train_labels.csv` (patientId, x, y, width, height, Target; one row
-per opacity box, one row with empty box for Target 0) and, when present,
-`stage_2_detailed_class_info.csv` (patientId, class). With the class table:
+Labels come from `stage_2_train_labels.csv` with columns patientId, x, y, width, height and
+Target. It has one row per opacity box, and one row with an empty box for Target 0. When
+present, `stage_2_detailed_class_info.csv` (patientId, class) adds the class. With the class table:
 
 - "Normal" is normal;
 - "Lung Opacity" is abnormal, and its boxes form the lesion mask;
@@ -42,6 +42,7 @@ from aeplat.data.adapters.records import (
     load_records,
     parse_box,
     read_label_csv,
+    resolve_image_dir,
 )
 from aeplat.data.errors import DatasetError
 from aeplat.data.types import ABNORMAL, NORMAL, SliceSet
@@ -110,8 +111,7 @@ class RsnaAdapter(DatasetAdapter):
 
     def scan(self, data_dir: Path, settings: RsnaSettings) -> Scan:
         check_folder(data_dir, "RSNA data folder", "--data-dir")
-        image_dir = settings.image_dir or (data_dir / IMAGES_FOLDER if (data_dir / IMAGES_FOLDER).is_dir() else data_dir)
-        check_folder(image_dir, "RSNA image folder", "--image-dir")
+        image_dir = resolve_image_dir(data_dir, settings.image_dir, IMAGES_FOLDER, "RSNA image folder")
         labels_csv = Path(settings.labels_csv or data_dir / LABELS_FILE)
         class_csv = _find_class_csv(data_dir, labels_csv)
 
@@ -178,7 +178,10 @@ def _patients(
             continue
         target = int(targets.pop())
 
-        class_name = ("Lung Opacity" if target else "Normal") if class_of is None else class_of.get(patient_id)
+        if class_of is None:
+            class_name = "Lung Opacity" if target else "Normal"
+        else:
+            class_name = class_of.get(patient_id)
         if class_name is None:
             report.add(patient_id, f"patientId has a label row but no row in {CLASS_FILE}")
             continue

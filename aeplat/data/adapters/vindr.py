@@ -41,6 +41,7 @@ from aeplat.data.adapters.records import (
     load_records,
     parse_box,
     read_label_csv,
+    resolve_image_dir,
 )
 from aeplat.data.errors import DatasetError
 from aeplat.data.types import ABNORMAL, NORMAL, SliceSet
@@ -101,8 +102,7 @@ class VindrAdapter(DatasetAdapter):
 
     def scan(self, data_dir: Path, settings: VindrSettings) -> Scan:
         check_folder(data_dir, "VinDr-CXR data folder", "--data-dir")
-        image_dir = settings.image_dir or (data_dir / IMAGES_FOLDER if (data_dir / IMAGES_FOLDER).is_dir() else data_dir)
-        check_folder(image_dir, "VinDr-CXR image folder", "--image-dir")
+        image_dir = resolve_image_dir(data_dir, settings.image_dir, IMAGES_FOLDER, "VinDr-CXR image folder")
         labels_csv = Path(settings.labels_csv or data_dir / LABELS_FILE)
         labels = read_label_csv(labels_csv, LABEL_COLUMNS, "VinDr-CXR label file", "--labels-csv")
 
