@@ -32,6 +32,7 @@ from aeplat.data import BratsSettings, SliceSet, SplitSettings, check_splits, pr
 from aeplat.data.cache import default_cache_dir
 from aeplat.trainers import Trainer, TrainingConfig, image_metrics
 from aeplat.trainers.metrics import BinnedPixelMetrics
+from aeplat.trainers.pixel import pixel_histograms as stream_pixel_histograms
 
 SECTION_HEADING = "## Latent size sweep on BraTS"
 
@@ -124,14 +125,9 @@ def train_and_test(
     )
 
 
-def pixel_histograms(trainer: Trainer, slices: SliceSet, chunk: int = 256) -> BinnedPixelMetrics:
-    """Stream the error maps of a split into pixel histograms, about ``chunk`` images at a time."""
-    histograms = BinnedPixelMetrics()
-    # Equal parts of at least 2 images each, because the trainer scores at least 2 at a time.
-    parts = np.array_split(np.arange(len(slices)), max(1, -(-len(slices) // chunk)))
-    for index in parts:
-        histograms.update(trainer.error_maps(slices.images[index]), slices.masks[index])
-    return histograms
+def pixel_histograms(trainer: Trainer, slices: SliceSet) -> BinnedPixelMetrics:
+    """Stream the error maps of a split into pixel histograms."""
+    return stream_pixel_histograms(trainer, slices.images, slices.masks)
 
 
 def sweep_table(results: list[RunResult]) -> str:

@@ -16,7 +16,9 @@ from aeplat.data.brats import BRATS_MODALITIES
 from aeplat.data.errors import DatasetError
 from aeplat.platform.cli_data import add_data_parser, add_dataset_options, check_modality_option, data_options_from_args, run_data
 from aeplat.platform.cli_k8s import add_k8s_parser, run_k8s
+from aeplat.platform.cli_report import add_report_parser, run_report
 from aeplat.platform.cli_score import add_score_parser, run_score
+from aeplat.platform.cli_submit import add_submit_parser, run_submit
 from aeplat.platform import signals
 from aeplat.platform.signals import raise_keyboard_interrupt_on_sigterm
 from aeplat.platform.settings import DATASETS, SearchSettings, SettingsError
@@ -67,10 +69,24 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
             "and each run's metrics as seed_<seed>/<metric>, and costs REPEATS times the compute (default: %(default)s)"
         ),
     )
-    search.add_argument(
+    resume = search.add_mutually_exclusive_group()
+    resume.add_argument(
         "--resume",
-        action="store_true",
-        help="continue the newest interrupted search with the same data, space and search settings, found through its MLflow parent run (default: start a new search)",
+        dest="resume",
+        action="store_const",
+        const=True,
+        default=None,
+        help=(
+            "continue the newest unfinished search with the same data, space and search settings, also one that failed "
+            "(default: the same command continues an interrupted search by itself and starts a new one otherwise)"
+        ),
+    )
+    resume.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_const",
+        const=False,
+        help="start a new search even when an interrupted one with the same settings exists",
     )
     search.add_argument("--search-space", type=Path, default=None, help="YAML search space to use instead of the shipped one (default: aeplat/search_spaces/<dataset>.yaml)")
 
@@ -115,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_k8s_parser(commands, _add_search_options)
     add_data_parser(commands)
     add_score_parser(commands)
+    add_report_parser(commands)
+    add_submit_parser(commands, _add_search_options)
     return parser
 
 
@@ -175,6 +193,11 @@ def _search(args: argparse.Namespace, console: Console) -> int:
         f"Search finished in {outcome.wall_time_s:.0f} s: best validation AUC {outcome.best_val_auc:.4f}, "
         f"test AUC {outcome.test_metrics['auc']:.4f}, test AP {outcome.test_metrics['ap']:.4f}."
     )
+    if "pixel_ap" in outcome.test_metrics:
+        console.print(
+            f"Test pixel AP {outcome.test_metrics['pixel_ap']:.4f}, best Dice {outcome.test_metrics['best_dice']:.4f}, "
+            f"Dice at the validation threshold {outcome.test_metrics['dice_at_val_threshold']:.4f}."
+        )
     champion = "champion" if outcome.is_champion else "not champion (the current champion scored higher)"
     console.print(f"Registered {settings.registered_model_name} version {outcome.registered_version}: {champion}.")
     mlflow_command = Path(sys.executable).parent / "mlflow"
@@ -197,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_data(args, console)
     if args.command == "score":
         return run_score(args, console)
+    if args.command == "report":
+        return run_report(args, console)
+    if args.command == "submit":
+        return run_submit(args, console)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -31,6 +31,20 @@ _QUIET_DEFAULTS = {
     "RAY_AIR_NEW_OUTPUT": "0",
 }
 
+# Set by aeplat unless the user has set them. MLflow's HTTP client retries an unreachable
+# tracking server 7 times with exponential backoff by default, which stops the search's
+# event loop for minutes per write; the trial callback queues writes and retries them itself.
+_TRACKING_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+# Set by aeplat unless the user has set them. Ray Tune 2.60 ends the whole search when one
+# result lacks the metric of the scheduler or the searcher. With this set, ASHA lets such a
+# trial continue, Optuna records it as failed, and the other trials go on.
+_TUNE_DEFAULTS = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+
 # With this set to 0, Ray 2.60 treats the machine as a single-node setup: it advertises
 # 127.0.0.1 instead of the routable address and every Ray process listens on loopback only.
 _LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -38,7 +52,7 @@ _LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 def apply_privacy_defaults() -> None:
     """Switch off Ray usage statistics, MLflow telemetry and noisy warnings unless the user chose otherwise."""
-    for name, value in {**_PRIVACY_DEFAULTS, **_QUIET_DEFAULTS}.items():
+    for name, value in {**_PRIVACY_DEFAULTS, **_QUIET_DEFAULTS, **_TRACKING_DEFAULTS, **_TUNE_DEFAULTS}.items():
         os.environ.setdefault(name, value)
 
 

@@ -187,8 +187,6 @@ def register_model(
     The version is created with all its tags in one call, so a failure never leaves an untagged
     version behind. The alias moves only after the version exists.
     """
-    previous_version, previous_auc = current_champion(client, model_name)
-
     try:
         client.get_registered_model(model_name)
     except MlflowException:
@@ -198,26 +196,51 @@ def register_model(
     version = client.create_model_version(
         model_name, source=model_uri, run_id=run_id, tags=string_tags, model_id=logged_model_id(model_uri)
     )
+    return promote_if_better(client, model_name, str(version.version), val_auc)
 
-    is_champion = previous_auc is None or val_auc > previous_auc
-    if is_champion:
-        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
-        logger.info("Registered %s v%s as %s (validation AUC %.4f).", model_name, version.version, CHAMPION_ALIAS, val_auc)
+
+def find_search_version(client: MlflowClient, model_name: str, search_run_id: str) -> str | None:
+    """Return the version that a search already registered (tag search_run_id), or None.
+
+    A search that was killed after it registered its model and then resumed finds its version
+    here instead of registering a second one.
+    """
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return None
+    matching = [version for version in versions if version.tags.get("search_run_id") == search_run_id]
+    if not matching:
+        return None
+    return str(min(int(version.version) for version in matching))
+
+
+def promote_if_better(client: MlflowClient, model_name: str, version: str, val_auc: float) -> Registration:
+    """Give `version` the champion alias unless the current champion has an equal or higher validation AUC."""
+    previous_version, previous_auc = current_champion(client, model_name)
+    if previous_version == version:
+        logger.info("%s v%s is already the %s.", model_name, version, CHAMPION_ALIAS)
+        is_champion = True
+    elif previous_auc is None or val_auc > previous_auc:
+        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
+        logger.info("Registered %s v%s as %s (validation AUC %.4f).", model_name, version, CHAMPION_ALIAS, val_auc)
+        is_champion = True
     else:
         logger.info(
             "Registered %s v%s; the champion v%s keeps the alias (validation AUC %.4f >= %.4f).",
             model_name,
-            version.version,
+            version,
             previous_version,
             previous_auc,
             val_auc,
         )
+        is_champion = False
 
     return Registration(
         model_name=model_name,
-        version=str(version.version),
-        model_uri=f"models:/{model_name}/{version.version}",
+        version=version,
+        model_uri=f"models:/{model_name}/{version}",
         is_champion=is_champion,
-        previous_champion_version=previous_version,
-        previous_champion_val_auc=previous_auc,
+        previous_champion_version=None if previous_version == version else previous_version,
+        previous_champion_val_auc=None if previous_version == version else previous_auc,
     )

@@ -9,6 +9,7 @@ import math
 import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -25,11 +26,14 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from aeplat.data import DatasetSplits
 from aeplat.data.adapters import BadFile
+from aeplat.platform import env
+from aeplat.platform.checkpoints import CheckpointPruner, active_pruner
 from aeplat.platform.progress import SearchProgress, best_trials_table
-from aeplat.platform.registry import log_scoring_model, register_model, serving_config
+from aeplat.platform.registry import find_search_version, log_scoring_model, promote_if_better, register_model, serving_config
 from aeplat.platform.search import (
     OPTIMIZED_METRIC,
     SCHEDULER_METRIC,
@@ -44,12 +48,15 @@ from aeplat.platform.tracking import (
     SEARCH_RUN_TAG,
     TRIAL_ID_TAG,
     MlflowTrialCallback,
+    active_callback,
     get_or_create_experiment,
+    is_unreachable,
     log_params,
+    set_artifact_writer,
 )
 from aeplat.platform.trainable import TrialData, load_best_weights, run_trial, training_config, write_trial_artifacts
 from aeplat.search_spaces import SearchSpace
-from aeplat.trainers import ErrorMapModel, Trainer, image_metrics, resolve_device
+from aeplat.trainers import ErrorMapModel, Trainer, UndefinedMetricError, image_metrics, pixel_metrics, resolve_device
 from aeplat.trainers.plots import AUC_BY_LATENT_SIZE_FILE, plot_auc_by_latent_size
 
 logger = logging.getLogger(__name__)
@@ -68,6 +75,10 @@ def _quiet_library_loggers() -> None:
 
 SEARCH_KEY_TAG = "aeplat.search_key"
 
+# Seconds the driver waits at the end of a search for an unreachable tracking store to accept
+# the trials' queued writes before it stops with a message.
+TRACKING_WAIT_S = 600.0
+
 _TRIAL_COLUMNS = (
     "trial_id",
     "status",
@@ -78,6 +89,20 @@ _TRIAL_COLUMNS = (
     "train_loss",
     "error",
 )
+
+
+class TolerantOptunaSearch(OptunaSearch):
+    """OptunaSearch that skips a trial result without the optimized metric instead of ending the search.
+
+    Ray Tune 2.60's OptunaSearch raises KeyError on such a result, which stops every trial.
+    At completion a trial whose last result lacks the metric is recorded as pruned.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if isinstance(self.metric, str) and self.metric not in result:
+            logger.warning("Trial %s reported no %s; the sampler skips this result.", trial_id, self.metric)
+            return
+        super().on_trial_result(trial_id, result)
 
 
 def run(
@@ -93,11 +118,29 @@ def run(
 
     skipped_files (from --on-bad-file skip) are logged to the parent run as skipped_files.csv.
     """
+    started_ray = _start_ray(settings)
+    try:
+        _check_multi_node(settings, tracking_uri)
+        return _run_search_runs(settings, space, splits, cache_key, tracking_uri, console, skipped_files)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _run_search_runs(
+    settings: SearchSettings,
+    space: SearchSpace,
+    splits: DatasetSplits,
+    cache_key: str,
+    tracking_uri: str,
+    console: Any,
+    skipped_files: Sequence[BadFile],
+) -> SearchOutcome:
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, settings.experiment_name)
     search_key = settings.search_key(space.describe())
-    parent_id = _resumable_search(client, experiment_id, search_key) if settings.resume else None
+    parent_id = _resumable_search(client, experiment_id, search_key, settings)
     resuming = parent_id is not None
     if resuming:
         client.update_run(parent_id, status="RUNNING")
@@ -125,10 +168,9 @@ def run(
         _log_trial_table(client, parent_id, outcome.trials)
         _finish_with_best_trial(client, settings, space, splits, results, outcome)
     except BaseException as error:
-        status = "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
-        _end_open_child_runs(client, experiment_id, parent_id, status)
-        client.set_tag(parent_id, "aeplat.failure_reason", f"{type(error).__name__}: {error}"[:5000])
-        client.set_terminated(parent_id, status)
+        interrupted = isinstance(error, (KeyboardInterrupt, SystemExit, TrackingUnavailableError))
+        status = "KILLED" if interrupted else "FAILED"
+        _record_failure(client, experiment_id, parent_id, status, error)
         raise
 
     client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FINISHED))
@@ -137,8 +179,17 @@ def run(
     return outcome
 
 
-def _resumable_search(client: MlflowClient, experiment_id: str, search_key: str) -> str | None:
-    """Return the newest search run with this key unless it finished; None means start a new search."""
+def _resumable_search(client: MlflowClient, experiment_id: str, search_key: str, settings: SearchSettings) -> str | None:
+    """Return the parent run of the search to continue, or None to start a new search.
+
+    The candidate is the newest search run with the same key. It is continued when it was
+    interrupted (RUNNING after a killed driver, KILLED after Ctrl-C or SIGTERM) and Ray Tune's
+    state of it is found under --storage. --resume also continues a FAILED search and makes
+    missing state an error; --no-resume always starts a new search.
+    """
+    if settings.resume is False:
+        return None
+
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{SEARCH_KEY_TAG}` = '{search_key}'",
@@ -146,12 +197,62 @@ def _resumable_search(client: MlflowClient, experiment_id: str, search_key: str)
         max_results=1,
     )
     if not runs:
-        logger.info("No earlier search with these settings to resume; starting a new one.")
+        if settings.resume:
+            logger.info("No earlier search with these settings to resume; starting a new one.")
         return None
-    if runs[0].info.status == "FINISHED":
-        logger.info("The newest search with these settings (%s) finished; starting a new one.", runs[0].info.run_id)
+
+    run = runs[0]
+    resumable = {"RUNNING", "KILLED", "FAILED"} if settings.resume else {"RUNNING", "KILLED"}
+    if run.info.status not in resumable:
+        logger.info(
+            "The newest search with these settings (%s) ended %s; starting a new one.%s",
+            run.info.run_id,
+            run.info.status,
+            " Pass --resume to continue it instead." if run.info.status == "FAILED" else "",
+        )
         return None
-    return runs[0].info.run_id
+
+    path, filesystem = _tune_state_location(settings, run.info.run_id)
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        return run.info.run_id
+    if settings.resume:
+        raise SearchError(
+            f"Search run {run.info.run_id} was interrupted, but Ray Tune's state of it is not at {path}. "
+            "Pass the --storage of that search, or --no-resume to start a new one."
+        )
+    logger.warning(
+        "Search run %s with these settings was interrupted, but Ray Tune's state of it is not at %s; starting a new search. "
+        "Pass its --storage to continue it instead.",
+        run.info.run_id,
+        path,
+    )
+    return None
+
+
+def _experiment_name(settings: SearchSettings, parent_id: str) -> str:
+    """Return the name of the search's Ray Tune experiment, its folder under --storage."""
+    return f"{settings.registered_model_name}-{parent_id[:8]}"
+
+
+def _tune_state_location(settings: SearchSettings, parent_id: str) -> tuple[str, Any]:
+    """Return where Ray Tune keeps the search's experiment state, and the pyarrow filesystem to read it (or None)."""
+    storage = _storage_arguments(settings)
+    return f"{storage['storage_path']}/{_experiment_name(settings, parent_id)}", storage.get("storage_filesystem")
+
+
+def _record_failure(client: MlflowClient, experiment_id: str, parent_id: str, status: str, error: BaseException) -> None:
+    """End the search's open runs as status, with the reason on the parent; never hide the original error."""
+    try:
+        _end_open_child_runs(client, experiment_id, parent_id, status)
+        client.set_tag(parent_id, "aeplat.failure_reason", f"{type(error).__name__}: {error}"[:5000])
+        client.set_terminated(parent_id, status)
+    except Exception as tracking_error:  # noqa: BLE001 - the search's own error is the one to report
+        if not is_unreachable(tracking_error):
+            raise
+        logger.warning(
+            "The MLflow tracking store is unreachable, so search run %s stays RUNNING. Run the same command again to continue it.",
+            parent_id,
+        )
 
 
 def _end_open_child_runs(client: MlflowClient, experiment_id: str, parent_id: str, status: str) -> None:
@@ -205,7 +306,8 @@ def _start_ray(settings: SearchSettings) -> bool:
     if ray.is_initialized():
         return False
 
-    address = settings.ray_address or None
+    # A Ray job's driver finds its cluster in RAY_ADDRESS, which the job server sets.
+    address = settings.ray_address or env.ray_address_from_env()
     if address:
         _check_reachable(address)
         logger.info("Connecting to the Ray cluster at %s.", address)
@@ -223,6 +325,60 @@ def _start_ray(settings: SearchSettings) -> bool:
         ray.shutdown()
         raise
     return True
+
+
+def _check_multi_node(settings: SearchSettings, tracking_uri: str) -> None:
+    """On a cluster of several nodes, require trial storage and a tracking store that outlive the driver's machine.
+
+    Checked only with more than one live node: a trial on another node writes its
+    checkpoints to --storage, which must be s3:// or a folder that node also mounts, and the
+    MLflow store must not be the default SQLite file in the driver's working directory.
+    """
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) < 2:
+        return
+
+    if not (settings.tracking_uri or env.tracking_uri_from_env()):
+        raise SearchError(
+            f"The Ray cluster has {len(nodes)} nodes, and the default MLflow store {tracking_uri} is a file on the "
+            "driver's machine that is lost with it. Pass --tracking-uri http://MLFLOW-SERVER:5000 (or a database URI) "
+            "that outlives the driver."
+        )
+    if not tracking_uri.startswith(("http://", "https://")):
+        logger.warning("The MLflow store %s is a local file: only this driver writes it, so keep it where it outlives this machine.", tracking_uri)
+
+    if not is_s3_uri(settings.storage):
+        _check_storage_on_every_node(Path(settings.storage).resolve(), nodes)
+
+
+def _check_storage_on_every_node(storage: Path, nodes: list[dict[str, Any]], timeout_s: float = 60.0) -> None:
+    """Fail unless every node sees a file that the driver writes into the --storage folder."""
+    storage.mkdir(parents=True, exist_ok=True)
+    marker = storage / f".aeplat-storage-check-{uuid.uuid4().hex}"
+    marker.write_text("aeplat", encoding="utf-8")
+    try:
+        checks = {
+            node["NodeManagerAddress"]: _sees_file.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+            ).remote(str(marker))
+            for node in nodes
+        }
+        ready, _ = ray.wait(list(checks.values()), num_returns=len(checks), timeout=timeout_s)
+        missing = [address for address, check in checks.items() if check not in ready or not ray.get(check)]
+    finally:
+        marker.unlink(missing_ok=True)
+
+    if missing:
+        raise SearchError(
+            f"--storage {storage} is not shared: the Ray nodes at {', '.join(sorted(missing))} do not see it (or did not "
+            f"respond within {timeout_s:.0f} s). Pass --storage s3://BUCKET/PREFIX, or a folder that every node mounts at the same path."
+        )
+    logger.info("Every one of the %d Ray nodes sees the trial storage %s.", len(nodes), storage)
+
+
+@ray.remote(num_cpus=0)
+def _sees_file(path: str) -> bool:
+    return Path(path).is_file()
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -290,7 +446,7 @@ def _run_trials(
         space=space,
         repeats=settings.repeats,
     )
-    searcher = OptunaSearch(
+    searcher = TolerantOptunaSearch(
         space=space,
         metric=OPTIMIZED_METRIC,
         mode="max",
@@ -310,31 +466,52 @@ def _run_trials(
         parent_id,
         space.training_values,
         max_epochs=settings.epochs,
-        artifact_writer=functools.partial(write_trial_artifacts, data=data),
     )
+    set_artifact_writer(parent_id, functools.partial(write_trial_artifacts, data=data))
     progress = SearchProgress(settings.trials, console=console)
 
-    started_ray = _start_ray(settings)
     # with_parameters puts the arrays in Ray's object store once; every trial reads them from there.
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     storage = _storage_arguments(settings)
-    name = f"{settings.registered_model_name}-{parent_id[:8]}"
+    name = _experiment_name(settings, parent_id)
     if resuming:
         tuner = _restore_tuner(trainable, storage, name)
     else:
-        tuner = _new_tuner(trainable, settings, searcher, scheduler, storage, name, [mlflow_callback, progress])
+        callbacks = [mlflow_callback, progress, CheckpointPruner(name)]
+        tuner = _new_tuner(trainable, settings, searcher, scheduler, storage, name, callbacks)
 
     if not resuming:
         progress.start()
     try:
-        return tuner.fit()
+        results = tuner.fit()
+        _drain_trial_writes(parent_id, tracking_uri, settings)
+        pruner = active_pruner(name)
+        if pruner is not None:
+            pruner.prune_to_latest()
+        return results
     finally:
         progress.stop()
-        if started_ray:
-            ray.shutdown()
+
+
+class TrackingUnavailableError(SearchError):
+    """The tracking store stayed unreachable at the end of a search; the same command continues it."""
+
+
+def _drain_trial_writes(parent_id: str, tracking_uri: str, settings: SearchSettings) -> None:
+    """Wait until the tracking store has accepted every trial's queued writes, or stop the search with a message."""
+    callback = active_callback(parent_id)
+    if callback is None or callback.drain(TRACKING_WAIT_S):
+        return
+
+    raise TrackingUnavailableError(
+        f"The MLflow tracking store {tracking_uri} was unreachable for {TRACKING_WAIT_S:.0f} s, so {callback.pending} "
+        f"writes of the trials are not logged yet and no model was registered. Ray Tune keeps them with the trial "
+        f"results under {settings.storage}: run the same command again once the store is reachable, and the search "
+        f"logs them and registers its best model."
+    )
 
 
 def _restore_tuner(trainable: Any, storage: dict[str, Any], name: str) -> tune.Tuner:
@@ -374,7 +551,9 @@ def _new_tuner(
             name=name,
             **storage,
             callbacks=callbacks,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # No num_to_keep: Tune would delete a checkpoint that the saved experiment state may
+            # still name; CheckpointPruner deletes old checkpoints safely instead.
+            checkpoint_config=tune.CheckpointConfig(),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             verbose=0,
         ),
@@ -447,6 +626,10 @@ def _log_trial_table(client: MlflowClient, parent_id: str, rows: list[dict[str, 
     client.log_metric(parent_id, "trials_finished", len(rows) - failed)
     client.log_metric(parent_id, "trials_failed", failed)
     _log_auc_by_latent_size(client, parent_id, rows)
+
+    from aeplat.platform.review import log_optuna_plots
+
+    log_optuna_plots(client, parent_id, rows)
 
 
 def _log_auc_by_latent_size(client: MlflowClient, parent_id: str, rows: list[dict[str, Any]]) -> None:
@@ -527,43 +710,74 @@ def _finish_with_best_trial(
     client.log_metric(parent_id, "best_val_auc", best_val_auc)
     client.log_metric(parent_id, "test_auc", test_metrics["auc"])
     client.log_metric(parent_id, "test_ap", test_metrics["ap"])
+    test_pixel_metrics = _test_pixel_metrics(trainer, splits)
+    for key, value in test_pixel_metrics.items():
+        client.log_metric(parent_id, f"test_{key}", value)
 
     child_run_id = _find_child_run(client, outcome.experiment_id, parent_id, trial_id)
     client.set_tag(parent_id, "best_trial_id", trial_id)
     client.set_tag(parent_id, "best_run_id", child_run_id)
     log_params(client, parent_id, {f"best.{key}": value for key, value in space.training_values(best.config).items()})
 
-    example = splits.validation.images[:2]
-    model_uri = log_scoring_model(child_run_id, ErrorMapModel(trainer.model.cpu()).eval(), example, serving_config(settings))
     values = space.training_values(best.config)
-    registration = register_model(
-        client,
-        settings.registered_model_name,
-        model_uri,
-        child_run_id,
-        tags={
-            "dataset": settings.dataset,
-            "modality": settings.model_modality,
-            "model": values.get("model", "ae"),
-            "latent_dim": values.get("latent_dim"),
-            "entropy_weight": values.get("entropy_weight"),
-            "image_size": settings.image_size,
-            "val_auc": f"{best_val_auc:.6f}",
-            "test_auc": f"{test_metrics['auc']:.6f}",
-            "test_ap": f"{test_metrics['ap']:.6f}",
-            "search_run_id": parent_id,
-            "trial_id": trial_id,
-        },
-        val_auc=best_val_auc,
-    )
+    registered_version = find_search_version(client, settings.registered_model_name, parent_id)
+    if registered_version is not None:
+        # A resumed search that was killed after registering: the version exists, only the alias may be missing.
+        logger.info("This search registered %s v%s before it was interrupted.", settings.registered_model_name, registered_version)
+        registration = promote_if_better(client, settings.registered_model_name, registered_version, best_val_auc)
+    else:
+        example = splits.validation.images[:2]
+        model_uri = log_scoring_model(child_run_id, ErrorMapModel(trainer.model.cpu()).eval(), example, serving_config(settings))
+        registration = register_model(
+            client,
+            settings.registered_model_name,
+            model_uri,
+            child_run_id,
+            tags={
+                "dataset": settings.dataset,
+                "modality": settings.model_modality,
+                "model": values.get("model", "ae"),
+                "latent_dim": values.get("latent_dim"),
+                "entropy_weight": values.get("entropy_weight"),
+                "image_size": settings.image_size,
+                "val_auc": f"{best_val_auc:.6f}",
+                "test_auc": f"{test_metrics['auc']:.6f}",
+                "test_ap": f"{test_metrics['ap']:.6f}",
+                **{f"test_{key}": f"{value:.6f}" for key, value in test_pixel_metrics.items()},
+                "search_run_id": parent_id,
+                "trial_id": trial_id,
+            },
+            val_auc=best_val_auc,
+        )
     client.set_tag(parent_id, "registered_model", f"{registration.model_name}/{registration.version}")
     client.set_tag(parent_id, "champion", str(registration.is_champion).lower())
 
     outcome.best_trial_id = trial_id
     outcome.best_val_auc = best_val_auc
-    outcome.test_metrics = {"auc": float(test_metrics["auc"]), "ap": float(test_metrics["ap"])}
+    outcome.test_metrics = {"auc": float(test_metrics["auc"]), "ap": float(test_metrics["ap"]), **test_pixel_metrics}
     outcome.registered_version = registration.version
     outcome.is_champion = registration.is_champion
+
+
+def _test_pixel_metrics(trainer: Trainer, splits: DatasetSplits) -> dict[str, float]:
+    """Return the best trial's pixel metrics on the test split, for datasets with lesion masks; else nothing."""
+    test, validation = splits.test, splits.validation
+    if test.masks is None or validation.masks is None:
+        return {}
+    try:
+        metrics = pixel_metrics(trainer, test.images, test.masks, validation.images, validation.masks)
+    except UndefinedMetricError as error:
+        logger.warning("The pixel metrics of the test split are undefined: %s", error)
+        return {}
+
+    logger.info(
+        "Test pixel AUC %.4f, pixel AP %.4f, best Dice %.4f, Dice at the validation threshold %.4f.",
+        metrics["pixel_auc"],
+        metrics["pixel_ap"],
+        metrics["best_dice"],
+        metrics["dice_at_val_threshold"],
+    )
+    return metrics
 
 
 def _trainer_with_weights(

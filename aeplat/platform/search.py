@@ -59,7 +59,12 @@ class SearchOutcome:
 
 def resolve_tracking_uri(settings: SearchSettings) -> str:
     """Return --tracking-uri, else $MLFLOW_TRACKING_URI, else a SQLite store in the working directory."""
-    uri = settings.tracking_uri or env.tracking_uri_from_env() or DEFAULT_TRACKING_URI
+    return resolve_tracking_uri_option(settings.tracking_uri)
+
+
+def resolve_tracking_uri_option(option: str | None) -> str:
+    """Return the --tracking-uri option, else $MLFLOW_TRACKING_URI, else a SQLite store in the working directory."""
+    uri = option or env.tracking_uri_from_env() or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # Make a relative SQLite path absolute so Ray workers and later commands find the same file.
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())

@@ -50,7 +50,9 @@ class SearchSettings:
     max_failures: int = 0
     device: str = "auto"
     repeats: int = 1
-    resume: bool = False
+    # None: continue the newest interrupted search with the same key if one exists (RUNNING or
+    # KILLED in MLflow); True: also continue a FAILED one; False: always start a new search.
+    resume: bool | None = None
     data_options: DataOptions = field(default_factory=DataOptions)
     on_bad_file: str = "fail"
 

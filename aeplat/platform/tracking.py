@@ -11,6 +11,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -72,6 +73,56 @@ def _truncate(text: str) -> str:
     return text if len(text) <= _MAX_TAG_LENGTH else text[: _MAX_TAG_LENGTH - 3] + "..."
 
 
+# Seconds between two attempts to reach an unreachable tracking store.
+RETRY_INTERVAL_S = 10.0
+
+# Parts of the message of an MLflow error that mean the tracking store was unreachable, as
+# opposed to a request that it rejected.
+_UNREACHABLE_MARKERS = (
+    "Max retries exceeded",
+    "Connection refused",
+    "Connection aborted",
+    "Failed to establish",
+    "Read timed out",
+    "RemoteDisconnected",
+    "database is locked",
+)
+
+# The artifact writer of each search, by parent run id. A writer may hold the validation
+# images, so it is not saved with Tune's experiment state; a restored callback finds it here.
+_ARTIFACT_WRITERS: dict[str, Callable[[Any, Path], Any]] = {}
+
+# The callback that Tune uses in each search, by parent run id. A restored search runs a copy of
+# the callback that Tune saved, and the driver drains the queue of that copy.
+_ACTIVE_CALLBACKS: dict[str, MlflowTrialCallback] = {}
+
+
+def set_artifact_writer(parent_run_id: str, writer: Callable[[Any, Path], Any]) -> None:
+    """Make ``writer`` the artifact writer of every MlflowTrialCallback of this search, restored ones too."""
+    _ARTIFACT_WRITERS[parent_run_id] = writer
+
+
+def active_callback(parent_run_id: str) -> MlflowTrialCallback | None:
+    """Return the MlflowTrialCallback that Tune set up for this search, or None before the search starts."""
+    return _ACTIVE_CALLBACKS.get(parent_run_id)
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Return True if an MLflow call failed because the tracking store was unreachable."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    return any(marker in str(error) for marker in _UNREACHABLE_MARKERS)
+
+
+@dataclass
+class _Write:
+    """One write of a trial's run, kept until the tracking store accepts it."""
+
+    kind: str
+    trial_id: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
 class MlflowTrialCallback(Callback):
     """Tune callback that mirrors every trial into a child run of the search's parent run.
 
@@ -79,10 +130,17 @@ class MlflowTrialCallback(Callback):
     step. A trial that raises ends as FAILED, with the reason in the `aeplat.failure_reason` tag.
 
     When a trial completes, finished or stopped early by the scheduler, ``artifact_writer``
-    (if given) receives the trial's latest checkpoint and an empty folder, and everything it
-    writes there is logged under the child run's ``best/`` artifact folder. A writer that
-    raises is logged as a WARNING and tagged ``aeplat.artifact_failure``, and the search
-    goes on.
+    (if given, else the one of ``set_artifact_writer``) receives the trial's latest
+    checkpoint and an empty folder, and everything it writes there is logged under the child
+    run's ``best/`` artifact folder. A writer that raises is logged as a WARNING and tagged
+    ``aeplat.artifact_failure``, and the search goes on.
+
+    Writes wait in a queue in the order they were made. When the tracking store does not
+    respond, the queue keeps them, trials go on training, and the queue is retried every
+    ``RETRY_INTERVAL_S`` seconds and by ``drain`` at the end of the search. The queue is part
+    of the state that Tune saves with the experiment, so a resumed search logs what an
+    interrupted one could not. A write that the store rejects (an invalid value) is
+    logged as a WARNING and dropped, so one bad value cannot stop the search.
     """
 
     def __init__(
@@ -101,15 +159,31 @@ class MlflowTrialCallback(Callback):
         self._max_epochs = max_epochs
         self._artifact_writer = artifact_writer
         self._run_ids: dict[str, str] = {}
+        self._pending: list[_Write] = []
         self._client: MlflowClient | None = None
+        self._unreachable_since: float | None = None
+        self._retry_after = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune saves its callbacks with the experiment state. The writer may hold the
-        # validation images, so it is left out, and a restored search passes a new one.
+        # Tune saves its callbacks with the experiment. The writer may hold the validation
+        # images, so it is left out, and a restored search finds it by set_artifact_writer.
         state = self.__dict__.copy()
-        state["_client"] = None
-        state["_artifact_writer"] = None
+        state.update(_client=None, _artifact_writer=None, _unreachable_since=None, _retry_after=0.0)
         return state
+
+    def get_state(self) -> dict[str, Any]:
+        """Return the child runs and the queued writes, which Tune saves with the experiment state."""
+        pending = [{"kind": write.kind, "trial_id": write.trial_id, "payload": write.payload} for write in self._pending]
+        return {"run_ids": dict(self._run_ids), "pending": pending}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._run_ids = dict(state.get("run_ids", {}))
+        self._pending = [_Write(**write) for write in state.get("pending", [])]
+        if self._pending:
+            logger.info("%d MLflow writes of the interrupted search are queued; logging them now.", len(self._pending))
+
+    def setup(self, **info: Any) -> None:
+        _ACTIVE_CALLBACKS[self._parent_run_id] = self
 
     @property
     def client(self) -> MlflowClient:
@@ -119,29 +193,138 @@ class MlflowTrialCallback(Callback):
 
     @property
     def run_ids(self) -> dict[str, str]:
-        """Child run id of every trial seen so far, by Tune trial id."""
+        """Child run id of every trial logged so far, by Tune trial id."""
         return dict(self._run_ids)
 
+    @property
+    def pending(self) -> int:
+        """Number of writes that the tracking store has not accepted yet."""
+        return len(self._pending)
+
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        run_id = self._run_ids.get(trial.trial_id) or self._find_trial_run(trial.trial_id)
-        if run_id is not None:
-            # A resumed search continues the trial's run instead of starting a second one.
-            self._run_ids[trial.trial_id] = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            logger.info("Trial %s resumed in MLflow run %s.", trial.trial_id, run_id)
+        values = self._training_values(trial.config)
+        logger.info("Trial %s started: %s", trial.trial_id, _format_values(values))
+        self._queue(_Write("start", trial.trial_id, {"values": values}))
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        timestamp = int(result.get("timestamp", 0) * 1000)
+        metrics = {
+            key: float(value)
+            for key, value in result.items()
+            if _is_trial_metric(key) and isinstance(value, (int, float)) and math.isfinite(value)
+        }
+        if not metrics:
+            logger.warning("Trial %s reported no validation metric at step %d: %s", trial.trial_id, step, sorted(result))
+            return
+        self._queue(_Write("metrics", trial.trial_id, {"metrics": metrics, "step": step, "timestamp": timestamp}))
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        result = trial.last_result or {}
+        epochs = int(result.get("epoch", 0))
+        logger.info(
+            "Trial %s finished after %d epochs, best validation AUC %.4f.",
+            trial.trial_id,
+            epochs,
+            result.get("best_val_auc", float("nan")),
+        )
+        payload = {"stopped_early": epochs < self._max_epochs, "checkpoint": trial.checkpoint}
+        self._queue(_Write("complete", trial.trial_id, payload))
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        reason = _failure_reason(trial)
+        logger.warning("Trial %s failed: %s", trial.trial_id, reason)
+        self._queue(_Write("error", trial.trial_id, {"reason": _truncate(reason)}))
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if self._pending:
+            self._flush()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Retry the queued writes until the store accepts them all or timeout_s passes; return True if none is left."""
+        deadline = time.monotonic() + timeout_s
+        while not self._flush(force=True):
+            if time.monotonic() >= deadline:
+                return False
+            logger.info("Waiting for the MLflow tracking store to log %d queued writes.", len(self._pending))
+            time.sleep(min(RETRY_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def _queue(self, write: _Write) -> None:
+        self._pending.append(write)
+        self._flush()
+
+    def _flush(self, force: bool = False) -> bool:
+        """Apply the queued writes in order; return True if the queue is empty afterwards."""
+        if not force and time.monotonic() < self._retry_after:
+            return False
+
+        while self._pending:
+            write = self._pending[0]
+            try:
+                self._apply(write)
+            except Exception as error:  # noqa: BLE001 - the search must outlive any tracking error
+                if is_unreachable(error):
+                    self._note_unreachable(error)
+                    return False
+                logger.warning("MLflow rejected the %s write of trial %s, so it is skipped: %s", write.kind, write.trial_id, error)
+            self._pending.pop(0)
+
+        if self._unreachable_since is not None:
+            logger.warning("The MLflow tracking store is reachable again after %.0f s, and the queued writes are logged.", time.monotonic() - self._unreachable_since)
+            self._unreachable_since = None
+        return True
+
+    def _note_unreachable(self, error: BaseException) -> None:
+        self._retry_after = time.monotonic() + RETRY_INTERVAL_S
+        if self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
+            logger.warning(
+                "The MLflow tracking store %s is unreachable (%s). Trials go on, and %d writes are queued and retried every %.0f s.",
+                self._tracking_uri,
+                _last_line(error),
+                len(self._pending),
+                RETRY_INTERVAL_S,
+            )
+
+    def _apply(self, write: _Write) -> None:
+        if write.kind == "start":
+            self._start_run(write.trial_id, write.payload["values"])
             return
 
-        tags = {
-            MLFLOW_PARENT_RUN_ID: self._parent_run_id,
-            MLFLOW_RUN_NAME: f"trial-{trial.trial_id}",
-            TRIAL_ID_TAG: trial.trial_id,
-            SEARCH_RUN_TAG: self._parent_run_id,
-        }
-        run = self.client.create_run(self._experiment_id, tags=tags)
-        self._run_ids[trial.trial_id] = run.info.run_id
-        values = self._training_values(trial.config)
-        log_params(self.client, run.info.run_id, values)
-        logger.info("Trial %s started: %s", trial.trial_id, _format_values(values))
+        run_id = self._run_ids.get(write.trial_id) or self._find_trial_run(write.trial_id)
+        if run_id is None:
+            logger.warning("Trial %s has no MLflow run, so its %s write is skipped.", write.trial_id, write.kind)
+            return
+        if write.kind == "metrics":
+            payload = write.payload
+            metrics = [Metric(key, value, payload["timestamp"], payload["step"]) for key, value in payload["metrics"].items()]
+            self.client.log_batch(run_id, metrics=metrics)
+        elif write.kind == "complete":
+            self.client.set_tag(run_id, STOPPED_EARLY_TAG, str(write.payload["stopped_early"]).lower())
+            self._log_trial_artifacts(write.trial_id, write.payload["checkpoint"], run_id)
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        elif write.kind == "error":
+            self.client.set_tag(run_id, FAILURE_TAG, write.payload["reason"])
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+    def _start_run(self, trial_id: str, values: Mapping[str, Any]) -> None:
+        run_id = self._run_ids.get(trial_id) or self._find_trial_run(trial_id)
+        if run_id is not None:
+            # A resumed search, or a retried write, continues the trial's run instead of starting a second one.
+            self.client.update_run(run_id, status="RUNNING")
+            logger.debug("Trial %s continues in MLflow run %s.", trial_id, run_id)
+        else:
+            tags = {
+                MLFLOW_PARENT_RUN_ID: self._parent_run_id,
+                MLFLOW_RUN_NAME: f"trial-{trial_id}",
+                TRIAL_ID_TAG: trial_id,
+                SEARCH_RUN_TAG: self._parent_run_id,
+            }
+            run_id = self.client.create_run(self._experiment_id, tags=tags).info.run_id
+        self._run_ids[trial_id] = run_id
+        # Logging the same parameter values again is accepted, so a retry after an outage is safe.
+        log_params(self.client, run_id, values)
 
     def _find_trial_run(self, trial_id: str) -> str | None:
         runs = self.client.search_runs(
@@ -151,69 +334,31 @@ class MlflowTrialCallback(Callback):
         )
         return runs[0].info.run_id if runs else None
 
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
-        run_id = self._run_ids.get(trial.trial_id)
-        if run_id is None:
+    def _log_trial_artifacts(self, trial_id: str, checkpoint: Any, run_id: str) -> None:
+        writer = self._artifact_writer or _ARTIFACT_WRITERS.get(self._parent_run_id)
+        if writer is None:
             return
-
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        timestamp = int(result.get("timestamp", 0) * 1000)
-        metrics = [
-            Metric(key, float(value), timestamp, step)
-            for key, value in result.items()
-            if _is_trial_metric(key) and isinstance(value, (int, float)) and math.isfinite(value)
-        ]
-        if metrics:
-            self.client.log_batch(run_id, metrics=metrics)
-
-    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        run_id = self._run_ids.get(trial.trial_id)
-        if run_id is None:
-            return
-
-        epochs = int(trial.last_result.get("epoch", 0))
-        self.client.set_tag(run_id, STOPPED_EARLY_TAG, str(epochs < self._max_epochs).lower())
-        self._log_trial_artifacts(trial, run_id)
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-        logger.info(
-            "Trial %s finished after %d epochs, best validation AUC %.4f.",
-            trial.trial_id,
-            epochs,
-            trial.last_result.get("best_val_auc", float("nan")),
-        )
-
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        run_id = self._run_ids.get(trial.trial_id)
-        reason = _failure_reason(trial)
-        logger.warning("Trial %s failed: %s", trial.trial_id, reason)
-        if run_id is None:
-            return
-
-        self.client.set_tag(run_id, FAILURE_TAG, _truncate(reason))
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-
-
-    def _log_trial_artifacts(self, trial: Trial, run_id: str) -> None:
-        if self._artifact_writer is None:
-            return
-
-        checkpoint = trial.checkpoint
         if checkpoint is None:
-            logger.warning("Trial %s completed without a checkpoint, so it has no model or plots.", trial.trial_id)
+            logger.warning("Trial %s completed without a checkpoint, so it has no model or plots.", trial_id)
             return
 
         started = time.monotonic()
-        try:
-            with tempfile.TemporaryDirectory(prefix="aeplat-trial-artifacts-") as folder:
-                self._artifact_writer(checkpoint, Path(folder))
-                self.client.log_artifacts(run_id, folder, artifact_path=TRIAL_ARTIFACT_PATH)
-        except Exception as error:  # noqa: BLE001 - one trial's plots must not end the search
-            reason = f"{type(error).__name__}: {error}"
-            logger.warning("Failed to log the model and plots of trial %s: %s", trial.trial_id, reason)
-            self.client.set_tag(run_id, ARTIFACT_FAILURE_TAG, _truncate(reason))
-            return
+        with tempfile.TemporaryDirectory(prefix="aeplat-trial-artifacts-") as folder:
+            try:
+                writer(checkpoint, Path(folder))
+            except Exception as error:  # noqa: BLE001 - one trial's plots must not end the search
+                reason = f"{type(error).__name__}: {error}"
+                logger.warning("Failed to write the model and plots of trial %s: %s", trial_id, reason)
+                self.client.set_tag(run_id, ARTIFACT_FAILURE_TAG, _truncate(reason))
+                return
+            self.client.log_artifacts(run_id, folder, artifact_path=TRIAL_ARTIFACT_PATH)
 
-        logger.debug("Logged the artifacts of trial %s in %.2f s.", trial.trial_id, time.monotonic() - started)
+        logger.debug("Logged the artifacts of trial %s in %.2f s.", trial_id, time.monotonic() - started)
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def _is_trial_metric(key: str) -> bool:

@@ -44,6 +44,11 @@ class Parameter:
     include_zero: bool = False
     choices: tuple[Any, ...] = ()
 
+    @property
+    def enabled_name(self) -> str:
+        """Name of the sampled choice between 0 and a sampled value, for a float with include_zero."""
+        return self.name + _ENABLED_SUFFIX
+
     def suggest(self, trial: Any) -> Any:
         """Suggest a value with an Optuna trial and return the value the trial trains with."""
         if self.type == "categorical":
@@ -58,7 +63,7 @@ class Parameter:
         if self.type == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
 
-        if self.include_zero and not trial.suggest_categorical(self.name + _ENABLED_SUFFIX, [True, False]):
+        if self.include_zero and not trial.suggest_categorical(self.enabled_name, [True, False]):
             return 0.0
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
 

@@ -28,6 +28,7 @@ from aeplat.trainers.models import (
     VariationalAutoencoder,
     build_model,
 )
+from aeplat.trainers.pixel import pixel_histograms, pixel_metrics
 from aeplat.trainers.scoring import ErrorMapModel, image_scores, reconstruction_error_map
 
 __all__ = [
@@ -52,6 +53,8 @@ __all__ = [
     "fit_entropy_model",
     "image_metrics",
     "image_scores",
+    "pixel_histograms",
+    "pixel_metrics",
     "reconstruction_error_map",
     "resolve_device",
     "seed_everything",

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 # Largest seed that every seeded library accepts (numpy seeds are 32-bit).
 MAX_SEED = 2**32 - 1
 
@@ -23,6 +25,9 @@ class TrainingConfig:
         hidden_dim: width of the fully connected layers next to the latent.
         entropy_weight: weight λ of the latent-entropy penalty, in loss per bit per pixel
             (see ``Trainer``, which gives the useful range). 0 trains a plain autoencoder.
+        latent_noise: train the decoder on z + u, u ~ U(-1/2, 1/2), also when λ = 0 (λ > 0
+            always adds the noise). The noise fixes the scale at which the entropy of the
+            latent is measured, so with it λ = 0 and λ > 0 differ only in the penalty.
         lr: learning rate of Adam.
         batch_size: number of images per training step, at least 2 for BatchNorm.
         seed: seed of weight initialisation, shuffling and latent noise, in [0, 2**32 - 1].
@@ -42,6 +47,7 @@ class TrainingConfig:
     latent_dim: int = 16
     hidden_dim: int = 1024
     entropy_weight: float = 0.0
+    latent_noise: bool = False
     lr: float = 1e-3
     batch_size: int = 64
     seed: int = 0
@@ -54,6 +60,11 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def uses_latent_noise(self) -> bool:
+        """True if training adds uniform noise to the latent and fits an entropy model of it."""
+        return self.entropy_weight > 0 or self.latent_noise
+
     def validate(self) -> None:
         """Raise ValueError naming the first field that breaks its rule, with its value."""
         _check_model_name(self.model)
@@ -62,6 +73,8 @@ class TrainingConfig:
         _check_integer("batch_size", self.batch_size, minimum=2)
         _check_integer("seed", self.seed, minimum=0, maximum=MAX_SEED)
         _check_real("entropy_weight", self.entropy_weight, allow_zero=True)
+        if not isinstance(self.latent_noise, bool):
+            raise ValueError(f"latent_noise must be true or false, got {self.latent_noise!r}")
         _check_real("lr", self.lr, allow_zero=False)
         _check_real("kl_weight", self.kl_weight, allow_zero=True)
         _check_integer("memory_size", self.memory_size, minimum=1)
@@ -92,6 +105,10 @@ def _convert(name: str, value: Any, default: Any) -> Any:
     """Convert value to the type of the field's default, or raise ValueError if it does not fit."""
     if isinstance(default, str):
         return value
+    if isinstance(default, bool):
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if isinstance(default, int):

@@ -55,7 +55,11 @@ class Trainer:
 
     With λ > 0 the decoder receives z̃ = z + u with u ~ U(-1/2, 1/2) during training,
     because the rate only limits information at a fixed noise scale. With λ = 0 the model
-    is a plain autoencoder: no noise and no entropy model. Scoring never adds noise.
+    is a plain autoencoder, with no noise and no entropy model, unless
+    ``config.latent_noise`` is set: then it trains through the same noisy channel and fits
+    the same entropy model, and only the penalty is missing. That is the baseline against
+    which the effect of λ is measured, because a plain autoencoder can shrink its latents
+    at will and its entropy at unit bins then says nothing. Scoring never adds noise.
 
     One Adam optimiser updates the autoencoder and the entropy model. The entropy model's
     parameters also get the gradient of the unscaled rate, computed on a detached latent.
@@ -90,7 +94,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             model = build_model(config, image_size, in_channels)
-            entropy_model = FactorizedEntropyModel(config.latent_dim) if config.entropy_weight > 0 else None
+            entropy_model = FactorizedEntropyModel(config.latent_dim) if config.uses_latent_noise else None
 
         self.model = model.to(self.device)
         self.entropy_model = entropy_model.to(self.device) if entropy_model is not None else None
@@ -357,9 +361,10 @@ class Trainer:
         has_saved_entropy_model = state["entropy_model"] is not None
         if has_saved_entropy_model != (self.entropy_model is not None):
             raise ValueError(
-                f"the checkpoint was saved with entropy_weight {saved.get('entropy_weight')} and this trainer "
-                f"has {self.config.entropy_weight}. Both must be 0 or both must be > 0, because only λ > 0 "
-                f"trains an entropy model"
+                f"the checkpoint was saved with entropy_weight {saved.get('entropy_weight')} and latent_noise "
+                f"{saved.get('latent_noise', False)}, and this trainer has {self.config.entropy_weight} and "
+                f"{self.config.latent_noise}. Only λ > 0 or latent_noise trains an entropy model, so both "
+                f"must have one or neither"
             )
 
 

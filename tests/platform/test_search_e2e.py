@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,43 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from aeplat.deploy import load_error_map_model, load_scoring_model, score_images
-
-CASES = ("BraTS2021_00006", "Brats18_2013_3_1", "Brats18_CBICA_ABM_1")
-TRIALS = 3
-
-
-@pytest.fixture(scope="module")
-def brats_subset(brats_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Three real BraTS cases linked into a fresh folder, and a cache shared by this module's searches."""
-    work = tmp_path_factory.mktemp("brats-subset")
-    data_dir = work / "brats"
-    data_dir.mkdir()
-    for case in CASES:
-        (data_dir / case).symlink_to(brats_dir / case, target_is_directory=True)
-    return {"data_dir": data_dir, "cache_dir": work / "cache"}
-
-
-def _run_search(work: Path, subset: dict, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "aeplat.platform.cli", "search",
-        "--dataset", "brats", "--data-dir", str(subset["data_dir"]), "--modality", "flair",
-        "--image-size", "32", "--epochs", "3", "--grace-period", "1", "--max-concurrent", "2",
-        "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
-        "--cache-dir", str(subset["cache_dir"]), "--storage", str(work / "runs"),
-        *extra,
-    ]  # fmt: skip
-    return subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=600, env={**os.environ})
-
-
-@pytest.fixture(scope="module")
-def search_run(brats_subset: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Run one tiny search on three real cases and return where it wrote."""
-    work = tmp_path_factory.mktemp("search")
-
-    completed = _run_search(work, brats_subset, "--trials", str(TRIALS))
-
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return {"work": work, "tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "output": completed.stderr}
+from search_support import TRIALS, run_search_command
 
 
 def _client(uri: str) -> MlflowClient:
@@ -186,7 +149,7 @@ def test_diverged_trials_fail_and_search_goes_on(brats_subset: dict, tmp_path: P
     space = tmp_path / "space.yaml"
     space.write_text(DIVERGING_SPACE)
 
-    completed = _run_search(tmp_path, brats_subset, "--trials", "6", "--search-space", str(space))
+    completed = run_search_command(tmp_path, brats_subset, "--trials", "6", "--search-space", str(space))
 
     assert completed.returncode == 0, completed.stderr[-4000:]
     client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -207,7 +170,7 @@ def test_all_trials_failing_registers_nothing(brats_subset: dict, tmp_path: Path
     space = tmp_path / "space.yaml"
     space.write_text(DIVERGING_SPACE.replace("[1.0e-3, 1.0e+12]", "[1.0e+12]"))
 
-    completed = _run_search(tmp_path, brats_subset, "--trials", "2", "--search-space", str(space))
+    completed = run_search_command(tmp_path, brats_subset, "--trials", "2", "--search-space", str(space))
 
     assert completed.returncode == 2
     assert "All 2 trials failed" in completed.stderr
@@ -218,14 +181,14 @@ def test_all_trials_failing_registers_nothing(brats_subset: dict, tmp_path: Path
 
 
 def test_second_search_reuses_cache(brats_subset: dict, search_run: dict, tmp_path: Path) -> None:
-    completed = _run_search(tmp_path, brats_subset, "--trials", "1")
+    completed = run_search_command(tmp_path, brats_subset, "--trials", "1")
 
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "cache hit" in completed.stderr
 
 
 def test_impossible_gpu_request_fails_fast(brats_subset: dict, tmp_path: Path) -> None:
-    completed = _run_search(tmp_path, brats_subset, "--trials", "1", "--gpus-per-trial", "4")
+    completed = run_search_command(tmp_path, brats_subset, "--trials", "1", "--gpus-per-trial", "4")
 
     assert completed.returncode == 2
     assert "--gpus-per-trial 4 exceeds every Ray node" in " ".join(completed.stderr.split())
@@ -259,39 +222,3 @@ def test_interrupted_search_registers_nothing(brats_subset: dict, tmp_path: Path
     assert children
     assert all(child.info.status != "RUNNING" for child in children)
     assert client.search_registered_models() == []
-
-
-def test_interrupted_search_resumes_same_runs(brats_subset: dict, tmp_path: Path) -> None:
-    command = [
-        sys.executable, "-m", "aeplat.platform.cli", "search",
-        "--dataset", "brats", "--data-dir", str(brats_subset["data_dir"]), "--modality", "flair",
-        "--image-size", "32", "--epochs", "4", "--grace-period", "4", "--trials", "3", "--max-concurrent", "1",
-        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--cache-dir", str(brats_subset["cache_dir"]), "--storage", str(tmp_path / "runs"), "--resume",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    output = []
-    started = 0
-    for line in process.stderr:
-        output.append(line)
-        started += "started:" in line
-        if started == 2:
-            break
-    time.sleep(2)
-    process.send_signal(signal.SIGINT)
-    output.extend(process.stderr)
-    assert process.wait(timeout=120) == 130, "".join(output)[-3000:]
-
-    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ})
-
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "Resuming search run" in resumed.stderr
-    client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parents, children = _search_runs(client)
-    trial_ids = [child.data.tags["aeplat.trial_id"] for child in children]
-    assert len(parents) == 1
-    assert parents[0].info.status == "FINISHED"
-    assert len(trial_ids) == 3
-    assert len(set(trial_ids)) == 3
-    assert all(child.info.status == "FINISHED" for child in children)
-    assert len(client.search_model_versions("name = 'brats-flair'")) == 1

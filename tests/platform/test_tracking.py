@@ -11,6 +11,10 @@ ray = pytest.importorskip("ray")
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+
+from aeplat.platform.env import apply_privacy_defaults  # noqa: E402
+from aeplat.platform.runner import TolerantOptunaSearch  # noqa: E402
 from aeplat.platform.tracking import FAILURE_TAG, STOPPED_EARLY_TAG, TRIAL_ID_TAG, MlflowTrialCallback  # noqa: E402
 
 
@@ -42,7 +46,7 @@ def local_ray():
 def test_child_runs_record_success_and_failure(tmp_path: Path, local_ray: None) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment_id = client.create_experiment("callback-test")
+    experiment_id = client.create_experiment("callback-test", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(experiment_id)
     callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, _training_values, max_epochs=3)
 
@@ -68,7 +72,7 @@ def test_child_runs_record_success_and_failure(tmp_path: Path, local_ray: None) 
 def test_metric_history_has_one_step_per_epoch(tmp_path: Path, local_ray: None) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    experiment_id = client.create_experiment("history-test")
+    experiment_id = client.create_experiment("history-test", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(experiment_id)
     callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, _training_values, max_epochs=3)
 
@@ -81,3 +85,38 @@ def test_metric_history_has_one_step_per_epoch(tmp_path: Path, local_ray: None) 
     run = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [point.step for point in history] == [1, 2, 3]
+
+
+def _report_without_metric(config: dict) -> None:
+    for epoch in range(1, 4):
+        metrics = {"epoch": epoch, "train_loss": config["x"]}
+        if epoch != 2:
+            metrics.update(val_auc=config["x"], best_val_auc=config["x"])
+        tune.report(metrics)
+
+
+def test_result_without_metric_does_not_end_search(tmp_path: Path, local_ray: None) -> None:
+    apply_privacy_defaults()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("missing-metric", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id)
+    callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, lambda config: dict(config), max_epochs=3)
+
+    tuner = tune.Tuner(
+        _report_without_metric,
+        param_space={"x": tune.uniform(0.0, 1.0)},
+        tune_config=tune.TuneConfig(
+            search_alg=TolerantOptunaSearch(metric="best_val_auc", mode="max", seed=0),
+            scheduler=ASHAScheduler(metric="val_auc", mode="max", max_t=3, grace_period=1),
+            num_samples=4,
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "runs"), callbacks=[callback], verbose=0),
+    )
+    results = tuner.fit()
+
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(results) == 4
+    assert results.num_errors == 0
+    assert len(runs) == 4
+    assert all(run.info.status == "FINISHED" for run in runs)

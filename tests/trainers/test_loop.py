@@ -271,8 +271,18 @@ def test_load_rejects_other_architecture() -> None:
 def test_load_rejects_entropy_model_mismatch() -> None:
     state = small_trainer(entropy_weight=0.0).state_dict()
 
-    with pytest.raises(ValueError, match="Both must be 0 or both must be > 0"):
+    with pytest.raises(ValueError, match="both must have one or neither"):
         small_trainer(entropy_weight=0.1).load_state_dict(state)
+
+
+def test_latent_noise_at_zero_weight_trains_entropy_model(blob_images) -> None:
+    trainer = small_trainer(entropy_weight=0.0, latent_noise=True)
+
+    metrics = trainer.train_epoch(blob_images(64, IMAGE_SIZE, 0))
+
+    assert trainer.entropy_model is not None
+    assert metrics["train_rate_bits"] > 0
+    assert metrics["train_loss"] < metrics["train_reconstruction_loss"] + 1e-6
 
 
 # --- scoring ----------------------------------------------------------------------------
