@@ -108,12 +108,14 @@ def render_job(args: argparse.Namespace) -> dict[str, Any]:
 def search_arguments(args: argparse.Namespace) -> list[str]:
     """Rebuild the `aeplat search` arguments: required options and every option that differs from its default."""
     arguments: list[str] = []
-    for dest, option in args.search_options.items():
+    for dest, options in args.search_options.items():
         value = getattr(args, dest)
+        option = options[0]
         if value is None or (value == option.default and not option.required):
             continue
         if option.nargs == 0:
-            arguments.append(option.flag)
+            # Flags that share a destination (--resume and --no-resume) differ in the value they store.
+            arguments.append(next(flag.flag for flag in options if flag.const == value))
         elif option.nargs in ("+", "*"):
             arguments += [option.flag, *map(str, value)]
         else:
@@ -127,17 +129,19 @@ class _SearchOption:
     default: Any
     required: bool
     nargs: int | str | None
+    const: Any = None
 
 
-def _search_options(add_search_options: AddOptions) -> dict[str, _SearchOption]:
+def _search_options(add_search_options: AddOptions) -> dict[str, list[_SearchOption]]:
     # A separate parser gives the defaults of `aeplat search` itself, before render changes any.
     probe = argparse.ArgumentParser(add_help=False)
     add_search_options(probe)
-    options = {}
+    options: dict[str, list[_SearchOption]] = {}
     for action in probe._actions:
         long_flags = [flag for flag in action.option_strings if flag.startswith("--")]
         if long_flags:
-            options[action.dest] = _SearchOption(long_flags[0], action.default, action.required, action.nargs)
+            option = _SearchOption(long_flags[0], action.default, action.required, action.nargs, action.const)
+            options.setdefault(action.dest, []).append(option)
     return options
 
 

@@ -81,7 +81,7 @@ def log_optuna_plots(
     by default the one in the run's space.* params. Logs optuna_trials.csv and, where the
     trials allow it, the optimisation history, the parameter importances and the contour of
     latent_dim × entropy_weight as PNG files. A plot that cannot be drawn is skipped with one
-    warning that says why. Nothing here raises: a search never fails because of its review.
+    warning that gives the reason. Nothing here raises: a search never fails because of its review.
     """
     try:
         if space is None:
@@ -142,7 +142,7 @@ def build_study(rows: Sequence[Mapping[str, Any]], space: SearchSpace) -> optuna
 
     A trial's value is the row's best validation AUC. Failed rows, and rows without a finite
     AUC, become FAIL trials; trials stopped early are COMPLETE, as Ray Tune's OptunaSearch
-    told its own study. Parameters keep the names and values trials trained with: a
+    records them in its own study. Parameters keep the names and values trials trained with: a
     power_of_two parameter is an integer on a log scale (latent_dim, not the sampled exponent),
     and a float with include_zero has the sampler's `<name>_enabled` choice, plus the float
     itself only where it is not 0. Constants are not parameters. A value outside the space is
@@ -325,7 +325,7 @@ def _is_finite(value: Any) -> bool:
 
 
 class SearchNotFoundError(LookupError):
-    """No search run matches what the user asked for; the message says what was looked up."""
+    """No search run matches what the user asked for; the message names what was looked up."""
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,7 @@ class TrialSummary:
 
 @dataclass(frozen=True)
 class SearchReport:
-    """What `aeplat report` shows of one search: settings, trials, budget and registration."""
+    """Contents of `aeplat report` for one search: settings, trials, budget and registration."""
 
     run_id: str
     run_name: str

@@ -330,9 +330,9 @@ def _start_ray(settings: SearchSettings) -> bool:
 def _check_multi_node(settings: SearchSettings, tracking_uri: str) -> None:
     """On a cluster of several nodes, require trial storage and a tracking store that outlive the driver's machine.
 
-    Checked only with more than one live node: a trial on another node writes its
-    checkpoints to --storage, which must be s3:// or a folder that node also mounts, and the
-    MLflow store must not be the default SQLite file in the driver's working directory.
+    Checked only with more than one live node. A trial on another node writes its checkpoints
+    to --storage, so that must be s3:// or a folder that node also mounts. The MLflow store
+    must not be the default SQLite file in the driver's working directory.
     """
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     if len(nodes) < 2:
@@ -352,7 +352,7 @@ def _check_multi_node(settings: SearchSettings, tracking_uri: str) -> None:
 
 
 def _check_storage_on_every_node(storage: Path, nodes: list[dict[str, Any]], timeout_s: float = 60.0) -> None:
-    """Fail unless every node sees a file that the driver writes into the --storage folder."""
+    """Raise SearchError unless a file that the driver writes into the --storage folder exists on every node."""
     storage.mkdir(parents=True, exist_ok=True)
     marker = storage / f".aeplat-storage-check-{uuid.uuid4().hex}"
     marker.write_text("aeplat", encoding="utf-8")
