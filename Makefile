@@ -20,7 +20,7 @@ demo: install
 		--trials 12 --epochs 15 --grace-period 3 --max-concurrent 2
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 # PostgreSQL binaries for the tests in tests/deploy, which start and stop their own cluster.
 # Installs Debian's postgresql package when initdb is missing; needs root and apt-get.

@@ -119,13 +119,7 @@ class BratsSettings:
         """Raise DatasetError for the first invalid setting, naming its value and the allowed values."""
         _check_modality(self.modality)
 
-        size = self.image_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < IMAGE_SIZE_MULTIPLE or size % IMAGE_SIZE_MULTIPLE:
-            raise DatasetError(
-                f"image_size (--image-size) is {size!r}, but it must be an integer multiple of "
-                f"{IMAGE_SIZE_MULTIPLE} and at least {IMAGE_SIZE_MULTIPLE}, because the autoencoder "
-                "halves it four times. Use for example 64 or 128."
-            )
+        check_image_size(self.image_size)
 
         lower, upper = self.lower_percentile, self.upper_percentile
         if not (_is_finite_number(lower) and _is_finite_number(upper) and 0 <= lower < upper <= 100):
@@ -422,3 +416,24 @@ def _brain_slice_indices(image: np.ndarray, image_path: Path, min_brain_fraction
 
 def _join(names: Mapping[str, Any]) -> str:
     return ", ".join(sorted(names))
+
+
+# Largest --image-size: a whole dataset of prepared images is held in memory as float32, and at
+# 512×512 that is already 1 MiB per image. The paper trains at 64×64.
+MAX_IMAGE_SIZE = 512
+
+
+def check_image_size(size: object) -> None:
+    """Raise DatasetError unless size is an integer multiple of IMAGE_SIZE_MULTIPLE, at most MAX_IMAGE_SIZE."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < IMAGE_SIZE_MULTIPLE or size % IMAGE_SIZE_MULTIPLE:
+        raise DatasetError(
+            f"image_size (--image-size) is {size!r}, but it must be an integer multiple of "
+            f"{IMAGE_SIZE_MULTIPLE} and at least {IMAGE_SIZE_MULTIPLE}, because the autoencoder "
+            "halves it four times. Use for example 64 or 128."
+        )
+    if size > MAX_IMAGE_SIZE:
+        raise DatasetError(
+            f"image_size (--image-size) is {size}, above the largest supported size {MAX_IMAGE_SIZE}. Every prepared "
+            f"image is held in memory as float32 ({size}×{size}×4 bytes = {size * size * 4 / 2**20:.0f} MiB each), "
+            "so use for example 64, 128 or 256."
+        )

@@ -26,7 +26,10 @@ from aeplat.search_spaces import SearchSpaceError
 
 logger = logging.getLogger(__name__)
 
-_NOISY_LOGGERS = ("ray", "mlflow", "alembic", "optuna", "urllib3", "botocore", "filelock")
+_NOISY_LOGGERS = ("ray", "mlflow", "alembic", "optuna", "botocore", "filelock")
+# urllib3 logs a WARNING for every retry of a request to an unreachable MLflow server, and the
+# search logs one line of its own for the whole outage.
+_RETRY_LOGGERS = ("urllib3",)
 
 
 def _add_search_options(parser: argparse.ArgumentParser) -> None:
@@ -174,6 +177,8 @@ def configure_logging(verbose: bool, console: Console) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True)
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name in _RETRY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def _search(args: argparse.Namespace, console: Console) -> int:
@@ -198,10 +203,15 @@ def _search(args: argparse.Namespace, console: Console) -> int:
             f"Test pixel AP {outcome.test_metrics['pixel_ap']:.4f}, best Dice {outcome.test_metrics['best_dice']:.4f}, "
             f"Dice at the validation threshold {outcome.test_metrics['dice_at_val_threshold']:.4f}."
         )
-    champion = "champion" if outcome.is_champion else "not champion (the current champion scored higher)"
+    champion = "champion" if outcome.is_champion else "not champion (the current champion's validation AUC is equal or higher)"
     console.print(f"Registered {settings.registered_model_name} version {outcome.registered_version}: {champion}.")
+    if outcome.tracking_uri.startswith(("http://", "https://")):
+        address = f"{outcome.tracking_uri.rstrip('/')}/#/experiments/{outcome.experiment_id}/runs/{outcome.parent_run_id}"
+        console.print(f"Review it at {address}, or with: aeplat report {outcome.parent_run_id}")
+        return 0
     mlflow_command = Path(sys.executable).parent / "mlflow"
     console.print(f"Review it with: {mlflow_command} ui --backend-store-uri {outcome.tracking_uri}  (parent run {outcome.parent_run_id})")
+    console.print(f"or in the terminal with: aeplat report {outcome.parent_run_id} --tracking-uri {outcome.tracking_uri}")
     return 0
 
 

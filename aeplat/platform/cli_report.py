@@ -195,10 +195,12 @@ def _print_budget(report: SearchReport, console: Console) -> None:
 
 
 def _print_registration(report: SearchReport, console: Console) -> None:
+    from aeplat.platform.review import REPORTED_METRICS
+
     console.rule(Text("Result"), align="left")
     metrics = report.metrics
     if metrics:
-        values = ", ".join(f"{name} {metrics[name]:.4f}" for name in ("best_val_auc", "test_auc", "test_ap") if name in metrics)
+        values = ", ".join(f"{name} {metrics[name]:.4f}" for name in REPORTED_METRICS if name in metrics)
         console.print(Text(f"best trial {report.best_trial_id or '-'}: {values}"))
     if report.registered_model is None:
         console.print("No model was registered by this search.")

@@ -46,6 +46,18 @@ from aeplat.search_spaces import Parameter, SearchSpace, parse_search_space  # n
 
 logger = logging.getLogger(__name__)
 
+# Metrics of the parent run that `aeplat report` prints: the best trial's validation AUC and its
+# scores on the test split (pixel metrics only for datasets with lesion masks).
+REPORTED_METRICS = (
+    "best_val_auc",
+    "test_auc",
+    "test_ap",
+    "test_pixel_auc",
+    "test_pixel_ap",
+    "test_best_dice",
+    "test_dice_at_val_threshold",
+)
+
 # Params and artifacts of a search's parent run.
 SPACE_PARAM_PREFIX = "space."
 OPTUNA_TRIALS_FILE = "optuna_trials.csv"
@@ -358,7 +370,7 @@ class SearchReport:
     started_ms: int
     ended_ms: int | None
     failure_reason: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)  # best_val_auc, test_auc, test_ap
+    metrics: dict[str, float] = field(default_factory=dict)  # REPORTED_METRICS that the parent run has
     best_trial_id: str | None = None
     best_run_id: str | None = None
     registered_model: str | None = None  # NAME/VERSION
@@ -466,7 +478,7 @@ def collect_report(client: MlflowClient, run: Run, tracking_uri: str) -> SearchR
         started_ms=info.start_time,
         ended_ms=info.end_time,
         failure_reason=data.tags.get(FAILURE_TAG, ""),
-        metrics={name: data.metrics[name] for name in ("best_val_auc", "test_auc", "test_ap") if name in data.metrics},
+        metrics={name: data.metrics[name] for name in REPORTED_METRICS if name in data.metrics},
         best_trial_id=best_trial_id,
         best_run_id=data.tags.get("best_run_id"),
         registered_model=registered,

@@ -144,6 +144,7 @@ def _run_search_runs(
     resuming = parent_id is not None
     if resuming:
         client.update_run(parent_id, status="RUNNING")
+        _clear_failure_reason(client, parent_id)
         logger.info("Resuming search run %s in experiment %r (%s).", parent_id, settings.experiment_name, tracking_uri)
     else:
         parent = client.create_run(
@@ -190,15 +191,18 @@ def _resumable_search(client: MlflowClient, experiment_id: str, search_key: str,
     if settings.resume is False:
         return None
 
+    # --resume looks past newer finished searches for the newest unfinished one, so a search
+    # that was left behind by a later --no-resume or a different --storage can still continue.
+    status_filter = " and attributes.status != 'FINISHED'" if settings.resume else ""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{SEARCH_KEY_TAG}` = '{search_key}'",
+        filter_string=f"tags.`{SEARCH_KEY_TAG}` = '{search_key}'{status_filter}",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     if not runs:
         if settings.resume:
-            logger.info("No earlier search with these settings to resume; starting a new one.")
+            logger.info("No unfinished search with these settings to resume; starting a new one.")
         return None
 
     run = runs[0]
@@ -238,6 +242,12 @@ def _tune_state_location(settings: SearchSettings, parent_id: str) -> tuple[str,
     """Return where Ray Tune keeps the search's experiment state, and the pyarrow filesystem to read it (or None)."""
     storage = _storage_arguments(settings)
     return f"{storage['storage_path']}/{_experiment_name(settings, parent_id)}", storage.get("storage_filesystem")
+
+
+def _clear_failure_reason(client: MlflowClient, run_id: str) -> None:
+    """Delete the failure reason that an interrupted run recorded, because the run continues."""
+    if "aeplat.failure_reason" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "aeplat.failure_reason")
 
 
 def _record_failure(client: MlflowClient, experiment_id: str, parent_id: str, status: str, error: BaseException) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import platform as python_platform
 import time
 from dataclasses import dataclass, field
@@ -135,6 +136,7 @@ def run_search(settings: SearchSettings, console: Any = None) -> SearchOutcome:
 
     tracking_uri = resolve_tracking_uri(settings)
     check_tracking_store(tracking_uri)
+    check_storage_folder(settings.storage)
 
     splits, prepared = prepare_splits(settings)
     _log_split(splits)
@@ -158,6 +160,24 @@ def check_training_names(space: SearchSpace) -> None:
             f"{space.source}: unknown training settings {unknown}; valid names are {sorted(known)}. "
             "The seed comes from --seed."
         )
+
+
+def check_storage_folder(storage: Path | str) -> None:
+    """Create a local --storage folder and write a file into it, so an unusable folder fails before any trial."""
+    if str(storage).startswith("s3://"):
+        return
+
+    folder = Path(storage).resolve()
+    probe = folder / f".aeplat-write-check-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise SettingsError(
+            f"--storage {folder} is not a writable folder ({error.strerror or error}). "
+            "Pass a folder you can write to, or s3://BUCKET/PREFIX."
+        ) from error
 
 
 def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:

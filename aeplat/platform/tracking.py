@@ -244,10 +244,15 @@ class MlflowTrialCallback(Callback):
         """Retry the queued writes until the store accepts them all or timeout_s passes; return True if none is left."""
         deadline = time.monotonic() + timeout_s
         while not self._flush(force=True):
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            logger.info("Waiting for the MLflow tracking store to log %d queued writes.", len(self._pending))
-            time.sleep(min(RETRY_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+            logger.info(
+                "Waiting for the MLflow tracking store to accept %d queued writes (%.0f s left before the search stops).",
+                len(self._pending),
+                remaining,
+            )
+            time.sleep(min(RETRY_INTERVAL_S * 3, remaining))
         return True
 
     def _queue(self, write: _Write) -> None:
@@ -280,9 +285,9 @@ class MlflowTrialCallback(Callback):
         if self._unreachable_since is None:
             self._unreachable_since = time.monotonic()
             logger.warning(
-                "The MLflow tracking store %s is unreachable (%s). Trials go on, and %d writes are queued and retried every %.0f s.",
+                "The MLflow tracking store %s is unreachable (%s). Trials go on, and their writes (%d so far) are queued and retried every %.0f s.",
                 self._tracking_uri,
-                _last_line(error),
+                _unreachable_reason(error),
                 len(self._pending),
                 RETRY_INTERVAL_S,
             )
@@ -356,9 +361,13 @@ class MlflowTrialCallback(Callback):
         logger.debug("Logged the artifacts of trial %s in %.2f s.", trial_id, time.monotonic() - started)
 
 
-def _last_line(error: BaseException) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:300]
+def _unreachable_reason(error: BaseException) -> str:
+    """Return the part of an MLflow connection error that names the cause, such as 'Connection refused'."""
+    text = str(error)
+    for marker in reversed(_UNREACHABLE_MARKERS):
+        if marker in text and marker != "Max retries exceeded":
+            return marker
+    return type(error).__name__
 
 
 def _is_trial_metric(key: str) -> bool:

@@ -196,6 +196,7 @@ def test_folder_without_normal_images_fails(tmp_path: Path) -> None:
         ({"patient_id_pattern": r"(?P<patient>"}, "not a valid regular expression"),
         ({"name": "Chest X"}, "lower-case"),
         ({"image_size": 20}, "multiple of 16"),
+        ({"image_size": 4096}, "above the largest supported size 512"),
     ],
 )
 def test_folder_settings_rejected(changes: dict, message: str) -> None:

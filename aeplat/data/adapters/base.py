@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from aeplat.data.brats import IMAGE_SIZE_MULTIPLE
+from aeplat.data.brats import IMAGE_SIZE_MULTIPLE, MAX_IMAGE_SIZE, check_image_size
 from aeplat.data.errors import DatasetError
 from aeplat.data.types import SliceSet
 
@@ -193,11 +193,4 @@ def check_folder(path: Path, what: str, option: str) -> Path:
     return path
 
 
-def check_image_size(size: object) -> None:
-    """Raise DatasetError unless size is an integer multiple of IMAGE_SIZE_MULTIPLE."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < IMAGE_SIZE_MULTIPLE or size % IMAGE_SIZE_MULTIPLE:
-        raise DatasetError(
-            f"image_size (--image-size) is {size!r}, but it must be an integer multiple of "
-            f"{IMAGE_SIZE_MULTIPLE} and at least {IMAGE_SIZE_MULTIPLE}, because the autoencoder "
-            "halves it four times. Use for example 64 or 128."
-        )
+
