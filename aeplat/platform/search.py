@@ -163,11 +163,12 @@ def check_training_names(space: SearchSpace) -> None:
 
 
 def check_storage_folder(storage: Path | str) -> None:
-    """Create a local --storage folder and write a file into it, so an unusable folder fails before any trial."""
+    """Write a file into a local --storage folder, so an unusable folder fails before any data is read."""
     if str(storage).startswith("s3://"):
         return
 
     folder = Path(storage).resolve()
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
     probe = folder / f".aeplat-write-check-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -178,6 +179,13 @@ def check_storage_folder(storage: Path | str) -> None:
             f"--storage {folder} is not a writable folder ({error.strerror or error}). "
             "Pass a folder you can write to, or s3://BUCKET/PREFIX."
         ) from error
+    finally:
+        # Folders made only for the check go again, so a search that fails later leaves none behind.
+        for path in missing:
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
