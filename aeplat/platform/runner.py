@@ -251,18 +251,39 @@ def _clear_failure_reason(client: MlflowClient, run_id: str) -> None:
 
 
 def _record_failure(client: MlflowClient, experiment_id: str, parent_id: str, status: str, error: BaseException) -> None:
-    """End the search's open runs as status, with the reason on the parent; never hide the original error."""
-    try:
-        _end_open_child_runs(client, experiment_id, parent_id, status)
-        client.set_tag(parent_id, "aeplat.failure_reason", f"{type(error).__name__}: {error}"[:5000])
-        client.set_terminated(parent_id, status)
-    except Exception as tracking_error:  # noqa: BLE001 - the search's own error is the one to report
-        if not is_unreachable(tracking_error):
-            raise
-        logger.warning(
-            "The MLflow tracking store is unreachable, so search run %s stays RUNNING. Run the same command again to continue it.",
-            parent_id,
-        )
+    """End the search's runs as status, with the reason on the parent; never hide the original error.
+
+    The parent run comes first, because it decides whether the same command continues the
+    search. Each write is retried a few times, because an interrupted write can leave a
+    SQLite store locked for a moment.
+    """
+    reason = f"{type(error).__name__}: {error}"[:5000]
+    steps = (
+        lambda: client.set_terminated(parent_id, status),
+        lambda: client.set_tag(parent_id, "aeplat.failure_reason", reason),
+        lambda: _end_open_child_runs(client, experiment_id, parent_id, status),
+    )
+    for step in steps:
+        if not _write_with_retries(step):
+            logger.warning(
+                "The MLflow tracking store is unreachable, so search run %s may stay RUNNING. Run the same command again to continue it.",
+                parent_id,
+            )
+            return
+
+
+def _write_with_retries(write: Any, attempts: int = 3, delay_s: float = 2.0) -> bool:
+    """Run an MLflow write; return False if the store stayed unreachable for every attempt. Other errors propagate."""
+    for attempt in range(attempts):
+        try:
+            write()
+            return True
+        except Exception as error:  # noqa: BLE001 - only an unreachable store is retried
+            if not is_unreachable(error):
+                raise
+            if attempt < attempts - 1:
+                time.sleep(delay_s)
+    return False
 
 
 def _end_open_child_runs(client: MlflowClient, experiment_id: str, parent_id: str, status: str) -> None:
