@@ -123,7 +123,7 @@ def _print_header(report: SearchReport, console: Console) -> None:
     lines = [
         ("dataset", f"{report.dataset} (modality {report.modality}, model name {report.model_name})"),
         ("data", settings.get("data_dir", "-")),
-        ("trials asked", settings.get("trials", "-")),
+        ("trials requested", settings.get("trials", "-")),
         ("epochs per trial", f"at most {settings.get('epochs', '-')} (grace period {settings.get('grace_period', '-')})"),
         ("image size", settings.get("image_size", "-")),
         ("seed / repeats", f"{settings.get('seed', '-')} / {settings.get('repeats', '-')}"),
@@ -178,7 +178,7 @@ def _print_failed(report: SearchReport, console: Console) -> None:
 
 
 def _print_budget(report: SearchReport, console: Console) -> None:
-    asked = "-" if report.trials_asked is None else str(report.trials_asked)
+    requested = "-" if report.trials_requested is None else str(report.trials_requested)
     counts = ", ".join(
         f"{report.count(status)} {status}"
         for status in ("finished", "stopped early", "failed", "killed", "running")
@@ -189,8 +189,8 @@ def _print_budget(report: SearchReport, console: Console) -> None:
     ended = "" if report.ended_ms is not None else " so far"
 
     console.rule(Text("Budget"), align="left")
-    console.print(Text(f"trials:     {len(report.trials)} of {asked} asked: {counts}"))
-    console.print(Text(f"epochs:     {report.epochs_run} run of {budget if budget else '-'} (trials asked × epochs){share}"))
+    console.print(Text(f"trials:     {len(report.trials)} of {requested} requested: {counts}"))
+    console.print(Text(f"epochs:     {report.epochs_run} run of {budget if budget else '-'} (trials requested × epochs){share}"))
     console.print(Text(f"wall time:  {_format_duration(report.wall_time_s)}{ended}"))
 
 

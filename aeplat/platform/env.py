@@ -31,9 +31,9 @@ _QUIET_DEFAULTS = {
     "RAY_AIR_NEW_OUTPUT": "0",
 }
 
-# Set by aeplat unless the user has set them. MLflow's HTTP client retries an unreachable
-# tracking server 7 times with exponential backoff by default, which stops the search's
-# event loop for minutes per write; the trial callback queues writes and retries them itself.
+# Set by aeplat unless the user has set them. By default MLflow's HTTP client retries an
+# unreachable tracking server 7 times with exponential backoff, which stops the search's event
+# loop for minutes per write. The trial callback queues writes and retries them itself instead.
 _TRACKING_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",

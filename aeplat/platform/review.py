@@ -153,8 +153,8 @@ def build_study(rows: Sequence[Mapping[str, Any]], space: SearchSpace) -> optuna
     """Return an in-memory Optuna study with one trial per row, numbered in the order of the rows.
 
     A trial's value is the row's best validation AUC. Failed rows, and rows without a finite
-    AUC, become FAIL trials; trials stopped early are COMPLETE, as Ray Tune's OptunaSearch
-    records them in its own study. Parameters keep the names and values trials trained with: a
+    AUC, become FAIL trials. Trials stopped early are COMPLETE, because Ray Tune's OptunaSearch
+    records them so in its own study. Parameters keep the names and values trials trained with: a
     power_of_two parameter is an integer on a log scale (latent_dim, not the sampled exponent),
     and a float with include_zero has the sampler's `<name>_enabled` choice, plus the float
     itself only where it is not 0. Constants are not parameters. A value outside the space is
@@ -337,7 +337,7 @@ def _is_finite(value: Any) -> bool:
 
 
 class SearchNotFoundError(LookupError):
-    """No search run matches what the user asked for; the message names what was looked up."""
+    """No search run matches the requested name or id; the message names what was looked up."""
 
 
 @dataclass(frozen=True)
@@ -383,7 +383,7 @@ class SearchReport:
         return f"{self.dataset}-{self.modality}"
 
     @property
-    def trials_asked(self) -> int | None:
+    def trials_requested(self) -> int | None:
         return _int_or_none(self.settings.get("trials"))
 
     @property
@@ -402,10 +402,10 @@ class SearchReport:
 
     @property
     def epoch_budget(self) -> int | None:
-        """Trials asked × maximum epochs per trial."""
-        if self.trials_asked is None or self.epochs_per_trial is None:
+        """Trials requested × maximum epochs per trial."""
+        if self.trials_requested is None or self.epochs_per_trial is None:
             return None
-        return self.trials_asked * self.epochs_per_trial
+        return self.trials_requested * self.epochs_per_trial
 
     def count(self, status: str) -> int:
         return sum(1 for trial in self.trials if trial.status == status)

@@ -123,7 +123,7 @@ class SearchSettings:
     def as_params(self) -> dict[str, Any]:
         """Return the settings as flat strings for MLflow params."""
         values = asdict(self)
-        # The adapter options as the dataset sees them, with this search's image size and modality.
+        # The adapter options that the dataset receives, with this search's image size and modality.
         values.pop("data_options")
         values.update({f"data_{key}": value for key, value in asdict(self.dataset_options()).items()})
         return {key: "" if value is None else str(value) for key, value in values.items()}

@@ -59,7 +59,7 @@ class Trainer:
     ``config.latent_noise`` is set: then it trains through the same noisy channel and fits
     the same entropy model, and only the penalty is missing. That is the baseline against
     which the effect of λ is measured, because a plain autoencoder can shrink its latents
-    at will and its entropy at unit bins then says nothing. Scoring never adds noise.
+    at will, and then its entropy at unit bins measures that scale, not the information. Scoring never adds noise.
 
     One Adam optimiser updates the autoencoder and the entropy model. The entropy model's
     parameters also get the gradient of the unscaled rate, computed on a detached latent.

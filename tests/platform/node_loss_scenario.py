@@ -84,7 +84,7 @@ def main() -> int:
     search_command = args.search[1:] if args.search[:1] == ["--"] else args.search
 
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    # Ray's session folders go to a private /tmp/ray, so nothing outside this namespace sees them.
+    # Ray's session folders go to a private /tmp/ray, so no process outside this namespace can read them.
     Path("/tmp/ray").mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/tmp/ray"], check=True)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}

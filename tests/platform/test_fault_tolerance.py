@@ -97,8 +97,11 @@ def _runs(client: MlflowClient) -> tuple[list, list]:
 
 @pytest.mark.slow
 def test_driver_killed_at_several_points_continues_one_search(brats_subset: dict, tmp_path: Path) -> None:
-    """SIGKILL the driver while trials train, after a trial finished, while the best model is
-    logged and right after it was registered; the same command continues the search each time."""
+    """SIGKILL the driver at four points and check that the same command continues the search each time.
+
+    The points: while trials train, after a trial finished, while the best model is logged,
+    and right after it was registered.
+    """
     if not _pid_namespace_available():
         pytest.skip("unshare --pid --map-root-user is unavailable, so a killed driver could leave Ray processes behind")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

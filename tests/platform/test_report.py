@@ -102,7 +102,7 @@ def _review_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 # The study
 
 
-def test_study_has_one_trial_per_row_with_failed_trials_as_fail() -> None:
+def test_study_marks_failed_trials_fail() -> None:
     study = build_study(SIX_ROWS, BRATS_SPACE)
 
     trials = study.trials
@@ -136,7 +136,8 @@ def test_study_leaves_out_values_outside_the_space(caplog: pytest.LogCaptureFixt
     assert study.trials[1].params["latent_dim"] == 16
     warnings = _review_warnings(caplog)
     assert len(warnings) == 1
-    assert "latent_dim=256" in warnings[0] and "model='unet'" in warnings[0]
+    assert "latent_dim=256" in warnings[0]
+    assert "model='unet'" in warnings[0]
 
 
 # Plots logged to the parent run
@@ -205,7 +206,7 @@ def test_plots_and_trials_table_logged_to_parent_run(store: dict, caplog: pytest
         ),
     ],
 )
-def test_plots_that_cannot_be_drawn_are_skipped_with_one_warning_each(
+def test_undrawable_plots_skipped_with_warning(
     store: dict, caplog: pytest.LogCaptureFixture, rows: list, space: SearchSpace, expected: list, reasons: list
 ) -> None:
     client = store["client"]
@@ -221,7 +222,7 @@ def test_plots_that_cannot_be_drawn_are_skipped_with_one_warning_each(
         assert reason in warning
 
 
-def test_space_is_read_from_the_parent_run_when_not_given(store: dict) -> None:
+def test_space_read_from_parent_run(store: dict) -> None:
     run_id = _parent_run(store, CONSTANT_LAMBDA_SPACE)
     rows = [_row(0, 0.7, latent_dim=4), _row(1, 0.6, latent_dim=8)]
 
@@ -230,7 +231,7 @@ def test_space_is_read_from_the_parent_run_when_not_given(store: dict) -> None:
     assert logged == [OPTUNA_TRIALS_FILE, OPTIMIZATION_HISTORY_FILE, PARAM_IMPORTANCES_FILE]
 
 
-def test_run_without_space_gets_a_warning_not_an_error(store: dict, caplog: pytest.LogCaptureFixture) -> None:
+def test_run_without_space_warns(store: dict, caplog: pytest.LogCaptureFixture) -> None:
     run_id = _parent_run(store, space=None)
 
     logged = log_optuna_plots(store["client"], run_id, SIX_ROWS)
@@ -246,10 +247,10 @@ def test_failing_artifact_store_gets_warnings_not_an_error(
     client = store["client"]
     run_id = _parent_run(store)
 
-    def refuse(*args: Any, **kwargs: Any) -> None:
+    def reject(*args: Any, **kwargs: Any) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(client, "log_artifact", refuse)
+    monkeypatch.setattr(client, "log_artifact", reject)
     logged = log_optuna_plots(client, run_id, SIX_ROWS)
 
     assert logged == []
@@ -319,7 +320,7 @@ def searches(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ("search", "expected"),
     [("newer", "newer"), ("older", "older"), ("aeplat-brats-flair", "newer"), ("brats-flair", "newer")],
 )
-def test_search_is_found_by_run_id_experiment_or_model_name(searches: dict, search: str, expected: str) -> None:
+def test_search_found_by_id_or_name(searches: dict, search: str, expected: str) -> None:
     name = searches.get(search, search)
 
     run = find_search_run(searches["client"], name)
@@ -335,7 +336,8 @@ def test_unknown_search_names_the_lookup_and_lists_searches(searches: dict) -> N
     assert "'brats-t1'" in message
     assert searches["uri"] in message
     assert "registered model" in message
-    assert searches["newer"] in message and searches["older"] in message
+    assert searches["newer"] in message
+    assert searches["older"] in message
 
 
 def test_trial_run_id_points_to_its_search(searches: dict) -> None:
@@ -353,7 +355,7 @@ def test_report_counts_trials_epochs_and_budget(searches: dict) -> None:
     assert [trial.epochs for trial in report.trials] == [3, 1, 1]
     assert [trial.trial_id for trial in report.top(2)] == ["a1b2c300", "a1b2c301"]
     assert [trial.failure_reason for trial in report.failed] == ["TrainingDivergedError: the loss is nan at epoch 2"]
-    assert (report.trials_asked, report.epochs_run, report.epoch_budget) == (4, 5, 12)
+    assert (report.trials_requested, report.epochs_run, report.epoch_budget) == (4, 5, 12)
     assert report.wall_time_s == pytest.approx(754.0)
     assert (report.registered_model, report.champion_at_registration, report.current_champion_version) == ("brats-flair/1", True, "1")
     assert report.best_run_id == searches["best"]
@@ -388,15 +390,18 @@ def test_report_command_prints_trials_budget_and_links(searches: dict, capsys: p
 
     output = capsys.readouterr().out
     assert code == 0
-    assert "search-newer" in output and "FINISHED" in output
+    assert "search-newer" in output
+    assert "FINISHED" in output
     assert "Best 2 of 3 trials" in output
     assert "TrainingDivergedError: the loss is nan at epoch 2" in output
-    assert "3 of 4 asked: 1 finished, 1 stopped early, 1 failed" in output
+    assert "3 of 4 requested: 1 finished, 1 stopped early, 1 failed" in output
     assert "5 run of 12" in output
     assert "12 min 34 s" in output
-    assert "registered: brats-flair/1" in output and "champion now: version 1" in output
+    assert "registered: brats-flair/1" in output
+    assert "champion now: version 1" in output
     assert f"ui --backend-store-uri {searches['uri']}" in output
-    assert searches["newer"] in output and searches["best"] in output
+    assert searches["newer"] in output
+    assert searches["best"] in output
 
 
 def test_report_command_unknown_search_exits_2(searches: dict, capsys: pytest.CaptureFixture) -> None:
@@ -409,7 +414,7 @@ def test_report_command_unknown_search_exits_2(searches: dict, capsys: pytest.Ca
     assert searches["newer"] in captured.err
 
 
-def test_report_command_missing_store_exits_2_without_creating_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_missing_store_exits_2_uncreated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "typo.db"
 
     code = main(["report", "brats-flair", "--tracking-uri", f"sqlite:///{missing}"])
@@ -435,6 +440,6 @@ def test_report_of_a_real_search(search_run: dict, capsys: pytest.CaptureFixture
     assert code == 0
     assert parent.info.run_id in output
     assert all(child.data.tags[TRIAL_ID_TAG] in output for child in children)
-    assert "of 3 asked" in output
+    assert "of 3 requested" in output
     assert "registered: brats-flair/1" in output
     assert {"trials.csv", OPTUNA_TRIALS_FILE, OPTIMIZATION_HISTORY_FILE} <= _artifacts(client, parent.info.run_id)
