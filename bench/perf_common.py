@@ -197,16 +197,20 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[ChildRun]:
 class TrialTiming:
     """Breakdown of one trial's wall time, in seconds. requested, started and ended are time.time() values.
 
-    wall runs from Tune's request for the trial's process (a new Ray actor) to the end of the
-    driver's completion callback, which logs the model and plots. process_start runs to Tune's
+    wall runs from Tune's request for the trial's process (a new Ray actor, or the process of a
+    finished trial that Tune reuses) to the end of the driver's completion callback, where Tune
+    is done with the trial. logged is when the MLflow writer thread of the driver finished
+    logging the trial's model and plots, which it does while the next trial runs; without
+    artifacts it equals ended. process_start runs to Tune's
     trial start callback, where MLflow's child run starts, and setup from there to the first
     train_epoch call (reading the arrays from Ray's object store, building the model). train
     and evaluate are the time inside Trainer.train_epoch and Trainer.evaluate in the trial
     process, and checkpoint the time inside the checkpointing reports that returned. finish
     runs from the end of the trial process's last recorded call to the end of the completion
     callback: the last report (Tune stops the trial inside it, so it never returns), trial
-    shutdown and the completion callback. artifacts is the driver's time writing and logging
-    the best model and plots, and mlflow the rest of the MLflow callback's time for the trial.
+    shutdown and the completion callback. artifacts is the writer thread's time writing and
+    logging the best model and plots, and mlflow the time of the MLflow callback's calls for the
+    trial inside Tune's control loop.
     Where the probe could not wrap Tune's request, requested equals started. MLflow's end
     time of the best trial's child run moves later when the search logs the registered model
     into it, so it is not used.
@@ -216,6 +220,7 @@ class TrialTiming:
     requested: float
     started: float
     ended: float
+    logged: float
     train: float
     evaluate: float
     setup: float
@@ -229,6 +234,11 @@ class TrialTiming:
     @property
     def wall(self) -> float:
         return self.ended - self.requested
+
+    @property
+    def logging_lag(self) -> float:
+        """Seconds from the end of the completion callback until the model and plots were in MLflow."""
+        return self.logged - self.ended
 
     @property
     def process_start(self) -> float:
@@ -256,21 +266,24 @@ def trial_timings(children: Sequence[ChildRun], records: Sequence[dict[str, Any]
         driver_callbacks = seconds["driver_trial_start"] + seconds["driver_trial_result"] + seconds["driver_trial_complete"]
         last_end = max(record["start"] + record["seconds"] for record in worker)
         started = min((record["start"] for record in own if record["span"] == "driver_trial_start"), default=child.start)
-        requested = min((record["start"] for record in own if record["span"] == "driver_request_actor"), default=started)
+        requests = [record["start"] for record in own if record["span"] in ("driver_request_actor", "driver_reuse_actor")]
+        requested = min(requests, default=started)
         ended = max((record["start"] + record["seconds"] for record in own if record["span"] == "driver_trial_complete"), default=child.end)
+        logged = max((record["start"] + record["seconds"] for record in own if record["span"] == "driver_artifacts"), default=ended)
         timings.append(
             TrialTiming(
                 trial_id=child.trial_id,
                 requested=requested,
                 started=started,
                 ended=ended,
+                logged=max(logged, ended),
                 train=seconds["train_epoch"],
                 evaluate=seconds["evaluate"],
                 setup=min(record["start"] for record in worker if record["span"] == "train_epoch") - started,
                 checkpoint=seconds["checkpoint_report"],
                 finish=ended - last_end,
                 artifacts=seconds["driver_artifacts"],
-                mlflow=driver_callbacks - seconds["driver_artifacts"],
+                mlflow=driver_callbacks,
                 epochs=sum(1 for record in worker if record["span"] == "train_epoch"),
                 peak_rss_mib=max(record["peak_rss_mib"] for record in worker),
             )

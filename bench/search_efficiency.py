@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import multiprocessing
 import statistics
 import sys
@@ -93,13 +94,19 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--entropy-weights", type=float, nargs="+", default=[0.0, 0.01, 0.1, 1.0], help="entropy weights λ of the grid and the search space")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every run (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds, each of which also fixes the split and the grid (default: 0 1 2)")
-    parser.add_argument("--trials", type=int, default=16, help="trials of each search (default: %(default)s)")
+    parser.add_argument("--trials", type=int, default=40, help="trials of each search, enough that a search seldom ends before the target (default: %(default)s)")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA grace period in epochs (default: %(default)s)")
     parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA reduction factor (default: %(default)s)")
     parser.add_argument("--max-concurrent", type=int, default=2, help="concurrent trials of each search (default: %(default)s)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="validation AUC below the grid's best that counts as reached (default: %(default)s)")
     parser.add_argument("--grid-workers", type=int, default=2, help="processes that train grid configurations, one torch thread each (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, default=None, help="folder for the cache, MLflow store and Tune results (default: a new temporary folder)")
+    parser.add_argument(
+        "--grid-file",
+        type=Path,
+        default=None,
+        help="JSON file of grid AUCs per seed and epoch: a seed found there with the same grid settings is not trained again, and new seeds are added (default: train every grid)",
+    )
     return parser.parse_args(argv)
 
 
@@ -225,11 +232,48 @@ def largest_mismatch(grid: dict[GridKey, list[float]], reported: list[tuple[str,
     return largest
 
 
+def grid_settings(arguments: argparse.Namespace, settings: SearchSettings) -> dict[str, object]:
+    """Return what determines a seed's grid, to check that a stored grid still applies."""
+    return {
+        "data_dir": str(Path(arguments.data_dir).resolve()),
+        "cases": arguments.cases,
+        "image_size": arguments.image_size,
+        "epochs": arguments.epochs,
+        "max_train_images": arguments.max_train_images,
+        "latent_dims": sorted(arguments.latent_dims),
+        "entropy_weights": sorted(float(weight) for weight in arguments.entropy_weights),
+        "lr": arguments.lr,
+        "seed": settings.seed,
+    }
+
+
+def stored_grid(path: Path | None, expected: dict[str, object]) -> dict[GridKey, list[float]] | None:
+    if path is None or not path.is_file():
+        return None
+    for entry in json.loads(path.read_text(encoding="utf-8")):
+        if entry["settings"] == expected:
+            return {(int(d), float(weight)): aucs for d, weight, aucs in entry["grid"]}
+    return None
+
+
+def store_grid(path: Path | None, settings: dict[str, object], grid: dict[GridKey, list[float]]) -> None:
+    if path is None:
+        return
+    entries = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    entries = [entry for entry in entries if entry["settings"] != settings]
+    entries.append({"settings": settings, "grid": [[d, weight, aucs] for (d, weight), aucs in sorted(grid.items())]})
+    path.write_text(json.dumps(entries, indent=1), encoding="utf-8")
+
+
 def run_seed(seed: int, base: SearchSettings, arguments: argparse.Namespace, probe_dir: Path) -> SeedResult:
     settings = replace(base, seed=seed)
     load = load_average()
+    expected = grid_settings(arguments, settings)
     with Stopwatch() as grid_time:
-        grid = run_grid(settings, arguments)
+        grid = stored_grid(arguments.grid_file, expected)
+        if grid is None:
+            grid = run_grid(settings, arguments)
+            store_grid(arguments.grid_file, expected, grid)
     with Stopwatch() as search_time:
         outcome = run_search(settings)
     reported, trials, unreported = reported_aucs(settings, outcome.parent_run_id, outcome.tracking_uri, probe_dir)

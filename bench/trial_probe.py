@@ -2,7 +2,7 @@
 
 ``install`` is a Ray ``worker_process_setup_hook``: the benchmark driver passes
 ``"trial_probe.install"`` in the job's runtime environment, so every trial process wraps
-``Trainer.train_epoch``, ``Trainer.evaluate``, the checkpointing report of
+``Trainer.train_epoch``, ``Trainer.evaluate_with_scores``, the checkpointing report of
 ``aeplat.platform.trainable`` and ``ray.tune.report`` with a timer. Each call appends one JSON
 line to ``<folder>/probe-<pid>.jsonl``, where the folder comes from $AEPLAT_BENCH_PROBE_DIR.
 Without that variable the hook changes nothing.
@@ -13,7 +13,7 @@ process's peak resident set size so far. Records of ``evaluate`` also contain ``
 The library code stays as it is: the probe replaces attributes in the worker process only.
 
 ``install_driver_probe`` does the same on the driver for the MLflow callback's trial start,
-result and completion calls, the artifact logging inside the completion call, and Tune's
+result and completion calls, the artifact logging of the MLflow writer thread, and Tune's
 request of a trial's process.
 """
 
@@ -43,7 +43,8 @@ def install() -> None:
     from aeplat.trainers.loop import Trainer
 
     Trainer.train_epoch = _timed(Trainer.train_epoch, "train_epoch", Path(folder))
-    Trainer.evaluate = _timed(Trainer.evaluate, "evaluate", Path(folder))
+    # Trainer.evaluate calls evaluate_with_scores, which trials call directly.
+    Trainer.evaluate_with_scores = _timed(Trainer.evaluate_with_scores, "evaluate", Path(folder))
     trainable._report_with_checkpoint = _timed(trainable._report_with_checkpoint, "checkpoint_report", Path(folder))
     tune.report = _timed(tune.report, "report", Path(folder))
 
@@ -52,8 +53,9 @@ def install_driver_probe(folder: Path) -> None:
     """Wrap driver-side calls with timers, in this process.
 
     Wraps the MLflow trial callback's start, result and completion calls, its artifact logging,
-    and the private TuneController._schedule_trial_actor of Ray Tune 2.60, which requests the
-    process of a new trial. A method that a version lacks is left out.
+    and the private TuneController._schedule_trial_actor and _schedule_trial_reset of Ray Tune
+    2.60, which request a new process for a trial or hand it the process of a finished trial.
+    A method that a version lacks is left out.
     """
     from ray.tune.execution.tune_controller import TuneController
 
@@ -65,6 +67,7 @@ def install_driver_probe(folder: Path) -> None:
         (MlflowTrialCallback, "on_trial_complete", "driver_trial_complete"),
         (MlflowTrialCallback, "_log_trial_artifacts", "driver_artifacts"),
         (TuneController, "_schedule_trial_actor", "driver_request_actor"),
+        (TuneController, "_schedule_trial_reset", "driver_reuse_actor"),
     )
     for owner, method, span in targets:
         original = getattr(owner, method, None)
@@ -111,7 +114,7 @@ def _timed(function: Callable[..., Any], span: str, folder: Path, trial_id_from_
             "peak_rss_mib": peak_rss_mib(),
         }
         if span == "evaluate":
-            record["val_auc"] = float(result["val_auc"])
+            record["val_auc"] = float(result[0]["val_auc"])
         if span == "report":
             record["checkpoint"] = kwargs.get("checkpoint") is not None
         _append(folder, record)

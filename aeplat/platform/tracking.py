@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,9 +136,12 @@ class MlflowTrialCallback(Callback):
     run's ``best/`` artifact folder. A writer that raises is logged as a WARNING and tagged
     ``aeplat.artifact_failure``, and the search goes on.
 
-    Writes wait in a queue in the order they were made. When the tracking store does not
-    respond, the queue keeps them, trials go on training, and the queue is retried every
-    ``RETRY_INTERVAL_S`` seconds and by ``drain`` at the end of the search. The queue is part
+    Writes wait in a queue in the order they were made, and a background thread of the driver
+    applies them, so Ray Tune's control loop never waits for MLflow: the next trial starts
+    while the previous one's model and plots are still being logged. When the tracking store
+    does not respond, the queue keeps the writes, trials go on training, and the thread retries
+    every ``RETRY_INTERVAL_S`` seconds. At the end of the experiment the callback waits until
+    the queue is empty or the store is unreachable, and ``drain`` waits longer. The queue is part
     of the state that Tune saves with the experiment, so a resumed search logs what an
     interrupted one could not. A write that the store rejects (an invalid value) is
     logged as a WARNING and dropped, so one bad value cannot stop the search.
@@ -163,24 +167,49 @@ class MlflowTrialCallback(Callback):
         self._client: MlflowClient | None = None
         self._unreachable_since: float | None = None
         self._retry_after = 0.0
+        self._init_threading()
+
+    def _init_threading(self) -> None:
+        # _changed guards _pending and wakes whoever waits for it; _flushing lets one flush run at a time.
+        self._changed = threading.Condition()
+        self._flushing = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._stopping = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune saves its callbacks with the experiment. The writer may hold the validation
         # images, so it is left out, and a restored search finds it by set_artifact_writer.
-        state = self.__dict__.copy()
+        # Locks and the thread cannot be saved; __setstate__ makes new ones.
+        with self._changed:
+            state = self.__dict__.copy()
+            state["_pending"] = list(self._pending)
         state.update(_client=None, _artifact_writer=None, _unreachable_since=None, _retry_after=0.0)
+        for key in ("_changed", "_flushing", "_writer", "_stopping"):
+            state.pop(key)
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_threading()
+
     def get_state(self) -> dict[str, Any]:
-        """Return the child runs and the queued writes, which Tune saves with the experiment state."""
-        pending = [{"kind": write.kind, "trial_id": write.trial_id, "payload": write.payload} for write in self._pending]
-        return {"run_ids": dict(self._run_ids), "pending": pending}
+        """Return the child runs and the queued writes, which Tune saves with the experiment state.
+
+        A write that the thread is applying stays in the queue until the store accepts it, so
+        a driver killed meanwhile applies it again after a restart. Every write can be applied
+        twice.
+        """
+        with self._changed:
+            pending = [{"kind": write.kind, "trial_id": write.trial_id, "payload": write.payload} for write in self._pending]
+            return {"run_ids": dict(self._run_ids), "pending": pending}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._run_ids = dict(state.get("run_ids", {}))
-        self._pending = [_Write(**write) for write in state.get("pending", [])]
+        with self._changed:
+            self._run_ids = dict(state.get("run_ids", {}))
+            self._pending = [_Write(**write) for write in state.get("pending", [])]
         if self._pending:
             logger.info("%d MLflow writes of the interrupted search are queued; logging them now.", len(self._pending))
+            self._start_writer()
 
     def setup(self, **info: Any) -> None:
         _ACTIVE_CALLBACKS[self._parent_run_id] = self
@@ -199,7 +228,8 @@ class MlflowTrialCallback(Callback):
     @property
     def pending(self) -> int:
         """Number of writes that the tracking store has not accepted yet."""
-        return len(self._pending)
+        with self._changed:
+            return len(self._pending)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         values = self._training_values(trial.config)
@@ -236,9 +266,18 @@ class MlflowTrialCallback(Callback):
         logger.warning("Trial %s failed: %s", trial.trial_id, reason)
         self._queue(_Write("error", trial.trial_id, {"reason": _truncate(reason)}))
 
-    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        if self._pending:
-            self._flush()
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        # Writes that an unreachable store still refuses are left to drain, on the calling thread.
+        self.wait_until_written()
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+
+    def wait_until_written(self, timeout_s: float | None = None) -> bool:
+        """Wait until the queue is empty or the store is unreachable; return True if the queue is empty."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._pending or self._unreachable_since is not None, timeout_s)
+            return not self._pending
 
     def drain(self, timeout_s: float) -> bool:
         """Retry the queued writes until the store accepts them all or timeout_s passes; return True if none is left."""
@@ -249,48 +288,91 @@ class MlflowTrialCallback(Callback):
                 return False
             logger.info(
                 "Waiting for the MLflow tracking store to accept %d queued writes (%.0f s left before the search stops).",
-                len(self._pending),
+                self.pending,
                 remaining,
             )
             time.sleep(min(RETRY_INTERVAL_S * 3, remaining))
         return True
 
     def _queue(self, write: _Write) -> None:
-        self._pending.append(write)
-        self._flush()
+        with self._changed:
+            self._pending.append(write)
+            self._stopping = False
+            self._changed.notify_all()
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._writer is not None and self._writer.is_alive():
+            return
+        self._writer = threading.Thread(target=self._write_loop, name="aeplat-mlflow-writer", daemon=True)
+        self._writer.start()
+
+    def _write_loop(self) -> None:
+        """Apply queued writes as they come, and retry after RETRY_INTERVAL_S while the store is unreachable."""
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._pending) or self._stopping)
+                if self._stopping:
+                    return
+            try:
+                if self._flush():
+                    continue
+            except Exception:  # noqa: BLE001 - a dead writer would silently stop all tracking
+                logger.exception("The MLflow writer failed; it retries in %.0f s.", RETRY_INTERVAL_S)
+                self._retry_after = time.monotonic() + RETRY_INTERVAL_S
+            time.sleep(max(0.1, self._retry_after - time.monotonic()))
 
     def _flush(self, force: bool = False) -> bool:
         """Apply the queued writes in order; return True if the queue is empty afterwards."""
-        if not force and time.monotonic() < self._retry_after:
-            return False
+        with self._flushing:
+            if not force and time.monotonic() < self._retry_after:
+                return False
 
-        while self._pending:
-            write = self._pending[0]
-            try:
-                self._apply(write)
-            except Exception as error:  # noqa: BLE001 - the search must outlive any tracking error
-                if is_unreachable(error):
-                    self._note_unreachable(error)
-                    return False
-                logger.warning("MLflow rejected the %s write of trial %s, so it is skipped: %s", write.kind, write.trial_id, error)
-            self._pending.pop(0)
+            while (write := self._next_write()) is not None:
+                try:
+                    self._apply(write)
+                except Exception as error:  # noqa: BLE001 - the search must outlive any tracking error
+                    if is_unreachable(error):
+                        self._note_unreachable(error)
+                        return False
+                    logger.warning("MLflow rejected the %s write of trial %s, so it is skipped: %s", write.kind, write.trial_id, error)
+                self._remove_write(write)
 
-        if self._unreachable_since is not None:
-            logger.warning("The MLflow tracking store is reachable again after %.0f s, and the queued writes are logged.", time.monotonic() - self._unreachable_since)
+            self._note_reachable()
+            return True
+
+    def _next_write(self) -> _Write | None:
+        with self._changed:
+            return self._pending[0] if self._pending else None
+
+    def _remove_write(self, write: _Write) -> None:
+        with self._changed:
+            if self._pending and self._pending[0] is write:
+                self._pending.pop(0)
+            self._changed.notify_all()
+
+    def _note_reachable(self) -> None:
+        if self._unreachable_since is None:
+            return
+        logger.warning("The MLflow tracking store is reachable again after %.0f s, and the queued writes are logged.", time.monotonic() - self._unreachable_since)
+        with self._changed:
             self._unreachable_since = None
-        return True
+            self._changed.notify_all()
 
     def _note_unreachable(self, error: BaseException) -> None:
         self._retry_after = time.monotonic() + RETRY_INTERVAL_S
-        if self._unreachable_since is None:
+        if self._unreachable_since is not None:
+            return
+        logger.warning(
+            "The MLflow tracking store %s is unreachable (%s). Trials go on, and their writes (%d so far) are queued and retried every %.0f s.",
+            self._tracking_uri,
+            _unreachable_reason(error),
+            self.pending,
+            RETRY_INTERVAL_S,
+        )
+        with self._changed:
             self._unreachable_since = time.monotonic()
-            logger.warning(
-                "The MLflow tracking store %s is unreachable (%s). Trials go on, and their writes (%d so far) are queued and retried every %.0f s.",
-                self._tracking_uri,
-                _unreachable_reason(error),
-                len(self._pending),
-                RETRY_INTERVAL_S,
-            )
+            self._changed.notify_all()
 
     def _apply(self, write: _Write) -> None:
         if write.kind == "start":

@@ -10,6 +10,8 @@ import copy
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +23,17 @@ from ray import tune
 
 from aeplat.search_spaces import SearchSpace
 from aeplat.trainers import Trainer, TrainingConfig, resolve_device, seed_everything
-from aeplat.trainers.plots import write_validation_plots
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_FILE = "trainer.pt"
 BEST_MODEL_FILE = "best_model.pt"
 SUMMARY_FILE = "summary.json"
+VALIDATION_SCORES_FILE = "validation_scores.npy"
 TRAINING_CONFIG_FILE = "training_config.json"
+
+# Staging folders of checkpoints in the system temporary folder, named by the trial process's PID.
+CHECKPOINT_STAGING_PREFIX = "aeplat-checkpoint-"
 
 
 @dataclass(frozen=True)
@@ -69,24 +74,27 @@ def run_trial(config: dict[str, Any], data: TrialData) -> None:
     population standard deviation of the AUC over the seeds (0.0 for one seed), and
     ``seed_<seed>/<key>`` contains each seed's own value. ``best_val_auc`` is the best mean
     AUC so far. A checkpoint is saved whenever it improves and after the last epoch. It
-    contains every trainer's state (to resume) and the weights of the seed with the highest
-    AUC at the best epoch (to register).
+    contains every trainer's state (to resume), and the weights and validation scores of the
+    seed with the highest AUC at the best epoch (to register and plot).
     """
     torch.set_num_threads(max(1, int(data.cpus_per_trial)))
+    remove_orphaned_staging_folders()
     seed_everything(data.seed)
     device = trial_device(data)
     seeds = [data.seed + offset for offset in range(data.repeats)]
     trainers = [Trainer(training_config(config, data.space, seed), image_size=data.image_size, device=device) for seed in seeds]
     best = {"best_val_auc": float("-inf"), "best_epoch": 0, "best_seed": seeds[0]}
     best_weights = copy.deepcopy(trainers[0].model.state_dict())
+    best_scores = None
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        best, best_weights = _restore(trainers, checkpoint)
+        best, best_weights, best_scores = _restore(trainers, checkpoint)
         logger.info("Trial resumed from epoch %d (best validation AUC %.4f).", trainers[0].epoch, best["best_val_auc"])
 
     while trainers[0].epoch < data.epochs:
-        per_seed = [_train_and_evaluate(trainer, data) for trainer in trainers]
+        evaluated = [_train_and_evaluate(trainer, data) for trainer in trainers]
+        per_seed = [seed_metrics for seed_metrics, _ in evaluated]
         metrics = _combine_seeds(per_seed, seeds)
         epoch = trainers[0].epoch
 
@@ -95,18 +103,19 @@ def run_trial(config: dict[str, Any], data: TrialData) -> None:
             winner = max(range(len(seeds)), key=lambda index: per_seed[index]["val_auc"])
             best = {"best_val_auc": metrics["val_auc"], "best_epoch": epoch, "best_seed": seeds[winner]}
             best_weights = copy.deepcopy(trainers[winner].model.state_dict())
+            best_scores = evaluated[winner][1]
 
         metrics = {"epoch": epoch, **metrics, **best}
         if improved or epoch == data.epochs:
-            _report_with_checkpoint(metrics, trainers, best_weights)
+            _report_with_checkpoint(metrics, trainers, best_weights, best_scores)
         else:
             tune.report(metrics)
 
 
-def _train_and_evaluate(trainer: Trainer, data: TrialData) -> dict[str, float]:
+def _train_and_evaluate(trainer: Trainer, data: TrialData) -> tuple[dict[str, float], np.ndarray]:
     train_metrics = trainer.train_epoch(data.train_images)
-    validation_metrics = trainer.evaluate(data.validation_images, data.validation_labels)
-    return {**train_metrics, **validation_metrics}
+    validation_metrics, scores = trainer.evaluate_with_scores(data.validation_images, data.validation_labels)
+    return {**train_metrics, **validation_metrics}, scores
 
 
 def _combine_seeds(per_seed: list[dict[str, float]], seeds: list[int]) -> dict[str, float]:
@@ -120,14 +129,18 @@ def _combine_seeds(per_seed: list[dict[str, float]], seeds: list[int]) -> dict[s
     return combined
 
 
-def _report_with_checkpoint(metrics: dict[str, Any], trainers: list[Trainer], best_weights: dict[str, torch.Tensor]) -> None:
-    # NOTE: when ASHA stops a trial, Ray may end its process inside tune.report, and this
-    # folder (about 40 MB at hidden width 1024) stays in the system temporary folder. The
-    # trial's own folder is no place for it, because Tune uploads that folder while it runs.
-    with tempfile.TemporaryDirectory(prefix="aeplat-checkpoint-") as folder:
+def _report_with_checkpoint(
+    metrics: dict[str, Any], trainers: list[Trainer], best_weights: dict[str, torch.Tensor], best_scores: np.ndarray | None
+) -> None:
+    # The trial's own folder is no place for the staging folder, because Tune uploads that folder
+    # while the trial runs. When Tune ends the trial's process inside tune.report, the folder
+    # (about 40 MB at hidden width 1024) stays behind until remove_orphaned_staging_folders.
+    with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_STAGING_PREFIX}{os.getpid()}-") as folder:
         folder_path = Path(folder)
         torch.save([trainer.state_dict() for trainer in trainers], folder_path / TRAINER_STATE_FILE)
         torch.save(best_weights, folder_path / BEST_MODEL_FILE)
+        if best_scores is not None:
+            np.save(folder_path / VALIDATION_SCORES_FILE, best_scores)
         best_seed = metrics["best_seed"]
         summary = {
             **{key: metrics[key] for key in ("best_val_auc", "best_epoch", "best_seed")},
@@ -137,7 +150,38 @@ def _report_with_checkpoint(metrics: dict[str, Any], trainers: list[Trainer], be
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _restore(trainers: list[Trainer], checkpoint: tune.Checkpoint) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def remove_orphaned_staging_folders(temporary_folder: Path | None = None) -> int:
+    """Delete the checkpoint staging folders of trial processes that no longer run; return how many.
+
+    A folder whose name carries no PID, or the PID of a running process, is left alone.
+    """
+    removed = 0
+    folder = Path(temporary_folder or tempfile.gettempdir())
+    for path in folder.glob(f"{CHECKPOINT_STAGING_PREFIX}*"):
+        pid = path.name.removeprefix(CHECKPOINT_STAGING_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+
+    if removed:
+        logger.debug("Removed %d checkpoint staging folders of ended trial processes from %s.", removed, folder)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _restore(
+    trainers: list[Trainer], checkpoint: tune.Checkpoint
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], np.ndarray | None]:
     with checkpoint.as_directory() as folder:
         folder_path = Path(folder)
         states = torch.load(folder_path / TRAINER_STATE_FILE, weights_only=False)
@@ -149,19 +193,31 @@ def _restore(trainers: list[Trainer], checkpoint: tune.Checkpoint) -> tuple[dict
         for trainer, state in zip(trainers, states):
             trainer.load_state_dict(state)
         best_weights = torch.load(folder_path / BEST_MODEL_FILE, weights_only=True)
+        best_scores = _load_scores(folder_path)
         summary = json.loads((folder_path / SUMMARY_FILE).read_text(encoding="utf-8"))
 
     best = {key: summary[key] for key in ("best_val_auc", "best_epoch", "best_seed")}
-    return best, best_weights
+    return best, best_weights, best_scores
+
+
+def _load_scores(folder: Path) -> np.ndarray | None:
+    path = folder / VALIDATION_SCORES_FILE
+    return np.load(path) if path.is_file() else None
 
 
 def load_best_weights(checkpoint: tune.Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return the best epoch's model weights and the checkpoint summary of a finished trial."""
+    weights, summary, _ = _load_best(checkpoint)
+    return weights, summary
+
+
+def _load_best(checkpoint: tune.Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any], np.ndarray | None]:
     with checkpoint.as_directory() as folder:
         folder_path = Path(folder)
         weights = torch.load(folder_path / BEST_MODEL_FILE, weights_only=True)
         summary = json.loads((folder_path / SUMMARY_FILE).read_text(encoding="utf-8"))
-    return weights, summary
+        scores = _load_scores(folder_path)
+    return weights, summary, scores
 
 
 def write_trial_artifacts(checkpoint: tune.Checkpoint, folder: Path, data: TrialData) -> list[Path]:
@@ -170,11 +226,11 @@ def write_trial_artifacts(checkpoint: tune.Checkpoint, folder: Path, data: Trial
     The latest checkpoint always contains the best weights so far, also for a trial that ASHA
     stopped early. Writes ``best_model.pt`` (the model's state dict), ``training_config.json``
     (the TrainingConfig with the seed of those weights, the image size, best epoch and
-    validation AUC) and the validation plots of ``write_validation_plots``. Returns the
-    paths written.
+    validation AUC) and the validation plots of ``write_validation_plots``, from the
+    validation scores that the trial saved at its best epoch. Returns the paths written.
     """
     folder = Path(folder)
-    weights, summary = load_best_weights(checkpoint)
+    weights, summary, scores = _load_best(checkpoint)
     training = TrainingConfig.from_mapping(summary["training"])
 
     # Plots run on the driver's CPU, where the trial's device may not exist.
@@ -190,5 +246,8 @@ def write_trial_artifacts(checkpoint: tune.Checkpoint, folder: Path, data: Trial
     }
     (folder / TRAINING_CONFIG_FILE).write_text(json.dumps(description, indent=2), encoding="utf-8")
 
-    plots = write_validation_plots(trainer, data.validation_images, data.validation_labels, folder)
+    # Trials never plot, so only the driver pays for importing matplotlib.
+    from aeplat.trainers.plots import write_validation_plots
+
+    plots = write_validation_plots(trainer, data.validation_images, data.validation_labels, folder, scores=scores)
     return [folder / BEST_MODEL_FILE, folder / TRAINING_CONFIG_FILE, *plots]

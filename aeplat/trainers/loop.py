@@ -164,16 +164,22 @@ class Trainer:
         NonFiniteScoreError when a score is NaN or infinite, and UndefinedMetricError when
         the labels contain one class only.
         """
+        metrics, _ = self.evaluate_with_scores(images, labels)
+        return metrics
+
+    def evaluate_with_scores(self, images: np.ndarray, labels: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+        """Return the metrics of ``evaluate`` and the (N,) anomaly scores they were computed from."""
         labels = np.asarray(labels)
         scores = self.score(images)
         metrics = image_metrics(labels, scores, split_name="validation")
 
-        return {
+        summary = {
             "val_auc": metrics["auc"],
             "val_ap": metrics["ap"],
             "val_score_normal": float(scores[labels == NORMAL].mean()),
             "val_score_abnormal": float(scores[labels == ABNORMAL].mean()),
         }
+        return summary, scores
 
     def reconstruct(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Return the float32 reconstructions (N, C, H, W) of images, computed in eval mode without noise."""

@@ -125,16 +125,26 @@ def plot_auc_by_latent_size(latent_dims: np.ndarray, aucs: np.ndarray, entropy_w
 
 
 def write_validation_plots(
-    trainer: Trainer, images: np.ndarray, labels: np.ndarray, folder: Path, examples_per_class: int = 4
+    trainer: Trainer,
+    images: np.ndarray,
+    labels: np.ndarray,
+    folder: Path,
+    examples_per_class: int = 4,
+    scores: np.ndarray | None = None,
 ) -> list[Path]:
-    """Score labelled validation images and write the reconstruction grid, ROC curve and score histograms.
+    """Write the reconstruction grid, ROC curve and score histograms of labelled validation images.
 
-    The grid shows up to ``examples_per_class`` normal and abnormal images, spread evenly
-    over each class's images in their given order. Returns the paths of the three PNGs.
+    scores are the images' anomaly scores from this trainer's model; without them the images
+    are scored first. The grid shows up to ``examples_per_class`` normal and abnormal images,
+    spread evenly over each class's images in their given order. Returns the paths of the
+    three PNGs.
     """
     labels = np.asarray(labels)
     folder = Path(folder)
-    scores = trainer.score(images)
+    if scores is None:
+        scores = trainer.score(images)
+    elif len(scores) != len(images):
+        raise ValueError(f"got {len(scores)} scores for {len(images)} validation images; pass the scores of these images or none")
 
     chosen = np.concatenate([_spread_indices(np.flatnonzero(labels == label), examples_per_class) for label in (NORMAL, ABNORMAL)])
     examples = images[chosen]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -222,3 +223,25 @@ def test_interrupted_search_registers_nothing(brats_subset: dict, tmp_path: Path
     assert children
     assert all(child.info.status != "RUNNING" for child in children)
     assert client.search_registered_models() == []
+
+
+def test_trials_reuse_worker_processes(search_run: dict) -> None:
+    """Tune hands a finished trial's process to the next trial, so a search starts at most max_concurrent processes."""
+    pids = set()
+    for result_file in (search_run["work"] / "runs").glob("*/trial_*/result.json"):
+        lines = [line for line in result_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        pids.update(json.loads(line)["pid"] for line in lines)
+
+    assert 1 <= len(pids) <= 2, pids
+
+
+def test_checkpoints_keep_validation_scores_of_best_epoch(search_run: dict) -> None:
+    score_files = list((search_run["work"] / "runs").glob("*/trial_*/checkpoint_*/validation_scores.npy"))
+
+    assert score_files
+    for path in score_files:
+        scores = np.load(path)
+        assert scores.ndim == 1
+        assert len(scores) > 0
+        assert np.all(np.isfinite(scores))
+        assert np.all(scores >= 0)

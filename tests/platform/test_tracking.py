@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -120,3 +123,58 @@ def test_result_without_metric_does_not_end_search(tmp_path: Path, local_ray: No
     assert results.num_errors == 0
     assert len(runs) == 4
     assert all(run.info.status == "FINISHED" for run in runs)
+
+
+def _fake_trial(trial_id: str, last_result: dict) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, config={"fail": False}, last_result=last_result, checkpoint=object())
+
+
+def test_trial_completion_does_not_wait_for_artifact_logging(tmp_path: Path) -> None:
+    """Tune's loop goes on while the writer thread still logs a finished trial's model and plots."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("writer-thread", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id)
+    writer_started, release = threading.Event(), threading.Event()
+
+    def slow_writer(checkpoint: object, folder: Path) -> None:
+        writer_started.set()
+        assert release.wait(timeout=60), "the test never released the artifact writer"
+        (folder / "best_model.pt").write_bytes(b"weights")
+
+    callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, _training_values, max_epochs=1, artifact_writer=slow_writer)
+    trial = _fake_trial("abc_00000", {"epoch": 1, "best_val_auc": 0.7})
+    callback.on_trial_start(0, [trial], trial)
+    callback.on_trial_result(0, [trial], trial, {"epoch": 1, "val_auc": 0.7, "best_val_auc": 0.7, "timestamp": 1})
+    callback.on_trial_complete(0, [trial], trial)
+
+    assert writer_started.wait(timeout=60)
+    assert callback.pending >= 1
+    state = pickle.loads(pickle.dumps(callback))
+    assert [write.kind for write in state._pending][-1] == "complete"
+
+    release.set()
+    callback.on_experiment_end([trial])
+
+    assert callback.pending == 0
+    run = client.get_run(callback.run_ids["abc_00000"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val_auc"] == pytest.approx(0.7)
+    assert [item.path for item in client.list_artifacts(run.info.run_id, "best")] == ["best/best_model.pt"]
+
+
+def test_writer_thread_ends_with_the_experiment(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("writer-end", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id)
+    callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, _training_values, max_epochs=1)
+    trial = _fake_trial("abc_00001", {"epoch": 1})
+
+    callback.on_trial_start(0, [trial], trial)
+    writer = callback._writer
+    callback.on_experiment_end([trial])
+
+    writer.join(timeout=60)
+    assert not writer.is_alive()
+    assert callback.run_ids.keys() == {"abc_00001"}

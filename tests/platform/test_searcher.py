@@ -1,0 +1,87 @@
+"""TolerantOptunaSearch proposes every configuration once, called as Ray Tune calls it."""
+
+from __future__ import annotations
+
+import logging
+
+import optuna
+import pytest
+
+pytest.importorskip("ray")
+
+from aeplat.platform.runner import TolerantOptunaSearch  # noqa: E402
+from aeplat.search_spaces import parse_search_space  # noqa: E402
+
+SPACE = """
+dataset: brats
+parameters:
+  latent_dim:
+    type: power_of_two
+    low: 4
+    high: 32
+constants:
+  model: ae
+"""
+
+
+def _searcher(seed: int = 0) -> TolerantOptunaSearch:
+    return TolerantOptunaSearch(
+        space=parse_search_space(SPACE),
+        metric="best_val_auc",
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True),
+    )
+
+
+def _complete(searcher: TolerantOptunaSearch, trial_id: str, value: float) -> None:
+    searcher.on_trial_result(trial_id, {"best_val_auc": value, "training_iteration": 1})
+    searcher.on_trial_complete(trial_id, {"best_val_auc": value, "training_iteration": 1})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_finished_configurations_are_not_proposed_again(seed: int) -> None:
+    searcher = _searcher(seed)
+
+    latent_dims = []
+    for number in range(4):
+        config = searcher.suggest(f"trial-{number}")
+        latent_dims.append(config["latent_dim"])
+        _complete(searcher, f"trial-{number}", 0.5 + 0.1 * number)
+
+    assert sorted(latent_dims) == [4, 8, 16, 32]
+
+
+def test_running_configurations_are_not_proposed_again() -> None:
+    searcher = _searcher()
+
+    latent_dims = [searcher.suggest(f"trial-{number}")["latent_dim"] for number in range(4)]
+
+    assert sorted(latent_dims) == [4, 8, 16, 32]
+
+
+def test_repeated_proposal_told_earlier_value() -> None:
+    searcher = _searcher()
+    searcher.suggest("trial-0")
+    _complete(searcher, "trial-0", 0.75)
+
+    for number in range(1, 4):
+        searcher.suggest(f"trial-{number}")
+
+    study = searcher._ot_study
+    first = study.trials[0]
+    repeats = [trial for trial in study.trials[1:] if trial.params == first.params]
+    assert repeats, "TPE proposed the first configuration only once; pick a seed that repeats it"
+    assert all(trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.75 for trial in repeats)
+
+
+def test_exhausted_space_repeats_a_configuration(caplog: pytest.LogCaptureFixture) -> None:
+    searcher = _searcher()
+    for number in range(4):
+        searcher.suggest(f"trial-{number}")
+        _complete(searcher, f"trial-{number}", 0.6)
+
+    with caplog.at_level(logging.INFO, logger="aeplat.platform.runner"):
+        config = searcher.suggest("trial-4")
+
+    assert config["latent_dim"] in {4, 8, 16, 32}
+    assert "earlier trials have" in caplog.text
