@@ -305,6 +305,29 @@ def run_seed(seed: int, base: SearchSettings, arguments: argparse.Namespace, pro
     return result
 
 
+def rank_correlation_table(results: list[SeedResult]) -> str:
+    """Return, per seed and epoch, Spearman's correlation between the grid's AUC at that epoch and each configuration's best AUC.
+
+    It shows from which epoch on a scheduler that compares AUCs can tell the good
+    configurations from the others.
+    """
+    from scipy.stats import spearmanr
+
+    epochs = min(len(aucs) for result in results for aucs in result.grid.values())
+    # Every epoch up to 12, else the first ones, ASHA's rungs (1, 3, 9, 27) and the last.
+    shown = list(range(1, epochs + 1)) if epochs <= 12 else sorted({1, 2, 3, 5, 9, 15, 21, 27, epochs} & set(range(1, epochs + 1)))
+    lines = [
+        "| seed | " + " | ".join(f"epoch {epoch}" for epoch in shown) + " |",
+        "| ---: | " + " | ".join("---:" for _ in shown) + " |",
+    ]
+    for result in results:
+        curves = list(result.grid.values())
+        best = [max(aucs) for aucs in curves]
+        cells = [f"{spearmanr([aucs[epoch - 1] for aucs in curves], best)[0]:+.2f}" for epoch in shown]
+        lines.append(f"| {result.seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def grid_table(result: SeedResult) -> str:
     weights = sorted({key[1] for key in result.grid})
     lines = [
@@ -383,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     missed = sum(1 for result in results if result.epochs_to_target is None)
     note = f" ({missed} search(es) never reached the target and count all their epochs, so the mean is a lower bound)" if missed else ""
     print(f"Mean ratio over {len(results)} seeds: {mean:.3f}{note}")
+    print()
+    print("Rank correlation (Spearman) of each configuration's validation AUC at an epoch with its best AUC over all epochs:")
+    print()
+    print(rank_correlation_table(results))
     for result in results:
         print()
         print(f"Grid of seed {result.seed}, best validation AUC (%) over {arguments.epochs} epochs:")

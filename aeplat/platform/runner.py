@@ -212,12 +212,14 @@ def _run_search_runs(
         if not resuming:
             _log_search_inputs(client, parent_id, settings, space, splits, cache_key, skipped_files)
         results = _run_trials(settings, space, splits, tracking_uri, experiment_id, parent_id, console, resuming)
+        _delete_forgotten_child_runs(client, experiment_id, parent_id, results)
         outcome.trials = _trial_rows(results, space, settings.epochs)
         _log_trial_table(client, parent_id, outcome.trials)
         _finish_with_best_trial(client, settings, space, splits, results, outcome)
     except BaseException as error:
         interrupted = isinstance(error, (KeyboardInterrupt, SystemExit, TrackingUnavailableError))
         status = "KILLED" if interrupted else "FAILED"
+        _stop_trial_writes(parent_id)
         _record_failure(client, experiment_id, parent_id, status, error)
         raise
 
@@ -297,6 +299,26 @@ def _clear_failure_reason(client: MlflowClient, run_id: str) -> None:
         client.delete_tag(run_id, "aeplat.failure_reason")
 
 
+# Seconds an ending search gives the MLflow writer to log what finished trials queued.
+STOP_WRITES_WAIT_S = 30.0
+
+
+def _stop_trial_writes(parent_id: str) -> None:
+    """Let the MLflow writer log what is queued, briefly, and then stop it before the runs are ended.
+
+    Otherwise a write still queued could reopen or finish a child run after the search has
+    marked it KILLED.
+    """
+    callback = active_callback(parent_id)
+    if callback is None:
+        return
+
+    callback.wait_until_written(STOP_WRITES_WAIT_S)
+    left = callback.halt(STOP_WRITES_WAIT_S)
+    if left:
+        logger.info("%d MLflow writes of the trials were not logged before the search stopped.", left)
+
+
 def _record_failure(client: MlflowClient, experiment_id: str, parent_id: str, status: str, error: BaseException) -> None:
     """End the search's runs as status, with the reason on the parent; never hide the original error.
 
@@ -331,6 +353,28 @@ def _write_with_retries(write: Any, attempts: int = 3, delay_s: float = 2.0) -> 
             if attempt < attempts - 1:
                 time.sleep(delay_s)
     return False
+
+
+def _delete_forgotten_child_runs(client: MlflowClient, experiment_id: str, parent_id: str, results: tune.ResultGrid) -> None:
+    """Delete the child runs of trials that the finished search does not have.
+
+    Ray Tune saves its experiment state every few seconds. A trial that started after the last
+    save of an interrupted search is unknown to the resumed one, which runs a new trial in its
+    place, so the interrupted trial's run would stay behind as a duplicate. MLflow keeps
+    deleted runs until its garbage collection, so they can still be restored.
+    """
+    trial_ids = {Path(result.path).name.removeprefix("trial_") for result in results}
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{SEARCH_RUN_TAG}` = '{parent_id}'", max_results=10_000)
+    forgotten = [run for run in runs if run.data.tags.get(TRIAL_ID_TAG) not in trial_ids]
+    for run in forgotten:
+        client.delete_run(run.info.run_id)
+    if forgotten:
+        logger.info(
+            "Deleted %d MLflow runs of trials that started after Ray Tune last saved the interrupted search (%s); "
+            "the resumed search ran new trials in their place.",
+            len(forgotten),
+            ", ".join(run.data.tags.get(TRIAL_ID_TAG, "?") for run in forgotten),
+        )
 
 
 def _end_open_child_runs(client: MlflowClient, experiment_id: str, parent_id: str, status: str) -> None:

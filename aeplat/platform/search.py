@@ -10,7 +10,9 @@ Steps of `run_search`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import platform as python_platform
@@ -128,6 +130,13 @@ def run_search(settings: SearchSettings, console: Any = None) -> SearchOutcome:
     settings.validate()
     space = load_search_space(settings.dataset, settings.model_modality, settings.search_space)
     check_training_names(space)
+    if space.dataset != settings.dataset:
+        logger.warning(
+            "The search space %s is written for dataset %r, and this search runs on %r. Check --search-space.",
+            settings.search_space,
+            space.dataset,
+            settings.dataset,
+        )
 
     # Ray and MLflow read these at import time, so they are set before either is imported.
     env.apply_privacy_defaults()
@@ -197,12 +206,42 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
     from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        # The first client of a new SQLite file creates its tables; two at once corrupt it.
+        with _sqlite_folder_lock(uri):
+            MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:  # Each store type raises its own errors; all mean the same here.
+        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise SettingsError(
-            f"The MLflow store {uri} cannot be opened ({type(error).__name__}: {error}). "
-            "Pass --tracking-uri sqlite:///PATH/mlflow.db with a writable folder, or the http:// address of an MLflow server."
+            f"The MLflow store {uri} cannot be opened ({type(error).__name__}: {first_line}). "
+            "Pass --tracking-uri sqlite:///PATH/mlflow.db with a writable folder, or the http:// address of an MLflow server. "
+            "A SQLite file that holds no runs yet can be deleted and is then created again."
         ) from error
+
+
+@contextlib.contextmanager
+def _sqlite_folder_lock(uri: str):  # noqa: ANN202 - a context manager
+    """Hold an exclusive lock on the folder of a sqlite:/// store; do nothing for other stores or missing folders."""
+    folder = _sqlite_folder(uri)
+    if folder is None:
+        yield
+        return
+
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _sqlite_folder(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    folder = Path(path).parent
+    return folder if folder.is_dir() else None
 
 
 def _check_tracking_server(uri: str, timeout_s: float) -> None:

@@ -137,7 +137,7 @@ class MlflowTrialCallback(Callback):
     ``aeplat.artifact_failure``, and the search goes on.
 
     Writes wait in a queue in the order they were made, and a background thread of the driver
-    applies them, so Ray Tune's control loop never waits for MLflow: the next trial starts
+    applies them, so Ray Tune's control loop does not wait for MLflow: the next trial starts
     while the previous one's model and plots are still being logged. When the tracking store
     does not respond, the queue keeps the writes, trials go on training, and the thread retries
     every ``RETRY_INTERVAL_S`` seconds. At the end of the experiment the callback waits until
@@ -170,11 +170,12 @@ class MlflowTrialCallback(Callback):
         self._init_threading()
 
     def _init_threading(self) -> None:
-        # _changed guards _pending and wakes whoever waits for it; _flushing lets one flush run at a time.
+        # _changed guards _pending and wakes the threads that wait for it; _flushing lets one flush run at a time.
         self._changed = threading.Condition()
         self._flushing = threading.Lock()
         self._writer: threading.Thread | None = None
         self._stopping = False
+        self._halted = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune saves its callbacks with the experiment. The writer may hold the validation
@@ -184,7 +185,7 @@ class MlflowTrialCallback(Callback):
             state = self.__dict__.copy()
             state["_pending"] = list(self._pending)
         state.update(_client=None, _artifact_writer=None, _unreachable_since=None, _retry_after=0.0)
-        for key in ("_changed", "_flushing", "_writer", "_stopping"):
+        for key in ("_changed", "_flushing", "_writer", "_stopping", "_halted"):
             state.pop(key)
         return state
 
@@ -273,6 +274,21 @@ class MlflowTrialCallback(Callback):
             self._stopping = True
             self._changed.notify_all()
 
+    def halt(self, timeout_s: float) -> int:
+        """Stop applying writes once the one in progress is done, within timeout_s; return how many are left.
+
+        An interrupted search calls this before it ends its runs, so that no queued write
+        reopens or finishes a run afterwards. The writes left stay in the queue, which a
+        resumed search restores only as far as Tune's last saved experiment state goes.
+        """
+        with self._changed:
+            self._halted = True
+            self._stopping = True
+            self._changed.notify_all()
+        if self._writer is not None and self._writer is not threading.current_thread():
+            self._writer.join(timeout=timeout_s)
+        return self.pending
+
     def wait_until_written(self, timeout_s: float | None = None) -> bool:
         """Wait until the queue is empty or the store is unreachable; return True if the queue is empty."""
         with self._changed:
@@ -302,7 +318,7 @@ class MlflowTrialCallback(Callback):
         self._start_writer()
 
     def _start_writer(self) -> None:
-        if self._writer is not None and self._writer.is_alive():
+        if self._halted or (self._writer is not None and self._writer.is_alive()):
             return
         self._writer = threading.Thread(target=self._write_loop, name="aeplat-mlflow-writer", daemon=True)
         self._writer.start()
@@ -328,7 +344,7 @@ class MlflowTrialCallback(Callback):
             if not force and time.monotonic() < self._retry_after:
                 return False
 
-            while (write := self._next_write()) is not None:
+            while not self._halted and (write := self._next_write()) is not None:
                 try:
                     self._apply(write)
                 except Exception as error:  # noqa: BLE001 - the search must outlive any tracking error
@@ -338,6 +354,8 @@ class MlflowTrialCallback(Callback):
                     logger.warning("MLflow rejected the %s write of trial %s, so it is skipped: %s", write.kind, write.trial_id, error)
                 self._remove_write(write)
 
+            if self._halted:
+                return False
             self._note_reachable()
             return True
 

@@ -201,3 +201,41 @@ def test_trials_reach_mlflow_after_a_tracking_server_outage(brats_subset: dict, 
         assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 1
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_resume_after_ctrl_c_one_run_per_trial(brats_subset: dict, tmp_path: Path) -> None:
+    """Ctrl-C while trials start and finish, then the same command: one FINISHED run per requested trial."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = search_command(brats_subset, tmp_path, "--trials", "6", "--epochs", "6", "--grace-period", "2", "--tracking-uri", uri)
+    env = {**os.environ, "COLUMNS": "400"}
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
+    output: list[str] = []
+    finished = 0
+    for line in process.stderr:
+        output.append(line)
+        finished += "finished after" in line
+        if finished == 2:
+            process.send_signal(signal.SIGINT)
+            break
+    output.extend(process.stderr)
+    code = process.wait(timeout=RUN_TIMEOUT_S)
+    (tmp_path / "interrupted.log").write_text("".join(output))
+
+    assert code == 130, "".join(output)[-3000:]
+    client = _client(uri)
+    parents, children = _runs(client)
+    assert parents[0].info.status == "KILLED"
+    assert [child.info.run_id for child in children if child.info.status == "RUNNING"] == []
+
+    _, final_output = _run_and_kill_at(command, tmp_path, None)
+
+    assert "Resuming search run" in final_output, final_output[-3000:]
+    parents, children = _runs(client)
+    assert len(parents) == 1
+    assert parents[0].info.status == "FINISHED"
+    trial_ids = [child.data.tags["aeplat.trial_id"] for child in children]
+    assert len(trial_ids) == 6
+    assert len(set(trial_ids)) == 6
+    assert all(child.info.status == "FINISHED" for child in children)
+    assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 1
