@@ -38,7 +38,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grid-file", type=Path, required=True, help="JSON file that search_efficiency.py --grid-file wrote")
     parser.add_argument("--trials", type=int, default=40, help="trials of each search (default: %(default)s)")
     parser.add_argument("--search-seeds", type=int, default=4, help="searches per stored seed (default: %(default)s)")
-    parser.add_argument("--grace-period", type=int, default=1, help="ASHA grace period in epochs (default: %(default)s)")
+    parser.add_argument("--grace-period", type=int, default=5, help="ASHA grace period in epochs; 5 is the default of aeplat search (default: %(default)s)")
     parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA reduction factor (default: %(default)s)")
     parser.add_argument("--max-concurrent", type=int, default=2, help="concurrent trials (default: %(default)s)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="validation AUC below the grid's best that counts as reached (default: %(default)s)")
