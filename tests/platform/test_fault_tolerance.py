@@ -105,9 +105,11 @@ def test_driver_killed_at_several_points_continues_one_search(brats_subset: dict
     if not _pid_namespace_available():
         pytest.skip("unshare --pid --map-root-user is unavailable, so a killed driver could leave Ray processes behind")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    command = _search_command(brats_subset, tmp_path, uri)
+    # Trials of 10 epochs are still training 1 s after the first one started, so the first
+    # kill lands while trials train.
+    command = _search_command(brats_subset, tmp_path, uri, "--epochs", "10", "--grace-period", "10")
     kill_points = [
-        ("started:", 3.0, command),
+        ("started:", 1.0, command),
         ("finished after", 0.0, command),
         ("Best trial", 0.0, [*command, "--resume"]),
         (f"Registered {MODEL_NAME} v1", 0.0, command),
