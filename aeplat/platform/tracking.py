@@ -336,7 +336,9 @@ class MlflowTrialCallback(Callback):
             except Exception:  # noqa: BLE001 - a dead writer would silently stop all tracking
                 logger.exception("The MLflow writer failed; it retries in %.0f s.", RETRY_INTERVAL_S)
                 self._retry_after = time.monotonic() + RETRY_INTERVAL_S
-            time.sleep(max(0.1, self._retry_after - time.monotonic()))
+            # Wait for the next retry, or until halt or the end of the experiment wakes the writer.
+            with self._changed:
+                self._changed.wait_for(lambda: self._stopping, timeout=max(0.1, self._retry_after - time.monotonic()))
 
     def _flush(self, force: bool = False) -> bool:
         """Apply the queued writes in order; return True if the queue is empty afterwards."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -178,3 +179,37 @@ def test_writer_thread_ends_with_the_experiment(tmp_path: Path) -> None:
     writer.join(timeout=60)
     assert not writer.is_alive()
     assert callback.run_ids.keys() == {"abc_00001"}
+
+
+def test_halted_writer_leaves_later_writes_queued(tmp_path: Path) -> None:
+    """An interrupted search halts the writer: the write in progress completes, later ones stay queued."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("writer-halt", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id)
+    writer_started, release = threading.Event(), threading.Event()
+
+    def slow_writer(checkpoint: object, folder: Path) -> None:
+        writer_started.set()
+        assert release.wait(timeout=60), "the test never released the artifact writer"
+
+    callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, _training_values, max_epochs=1, artifact_writer=slow_writer)
+    first, second = _fake_trial("abc_00002", {"epoch": 1}), _fake_trial("abc_00003", {"epoch": 1})
+    callback.on_trial_start(0, [first], first)
+    callback.on_trial_complete(0, [first], first)
+    assert writer_started.wait(timeout=60)
+    callback.on_trial_start(0, [first, second], second)
+
+    left: list[int] = []
+    halting = threading.Thread(target=lambda: left.append(callback.halt(60)))
+    halting.start()
+    for _ in range(6000):
+        if callback._halted:
+            break
+        time.sleep(0.01)
+    release.set()
+    halting.join(timeout=60)
+
+    assert left == [1]
+    assert client.get_run(callback.run_ids["abc_00002"]).info.status == "FINISHED"
+    assert "abc_00003" not in callback.run_ids
