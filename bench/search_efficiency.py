@@ -88,7 +88,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder of BraTS cases (default: %(default)s)")
     parser.add_argument("--cases", type=int, default=None, help="use the first CASES cases by name (default: all)")
     parser.add_argument("--image-size", type=int, default=32, help="side of the slices in pixels (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=27, help="epochs of a grid run and most epochs of a search trial (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=27, help="epochs of a grid run and the maximum epochs of a search trial (default: %(default)s)")
     parser.add_argument("--max-train-images", type=int, default=None, help="train on at most this many normal slices (default: all)")
     parser.add_argument("--latent-dims", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64], help="latent sizes d of the grid and the search space")
     parser.add_argument("--entropy-weights", type=float, nargs="+", default=[0.0, 0.01, 0.1, 1.0], help="entropy weights λ of the grid and the search space")
@@ -315,15 +315,19 @@ def rank_correlation_table(results: list[SeedResult]) -> str:
 
     epochs = min(len(aucs) for result in results for aucs in result.grid.values())
     # Every epoch up to 12, else the first ones, ASHA's rungs (1, 3, 9, 27) and the last.
-    shown = list(range(1, epochs + 1)) if epochs <= 12 else sorted({1, 2, 3, 5, 9, 15, 21, 27, epochs} & set(range(1, epochs + 1)))
+    if epochs <= 12:
+        shown_epochs = list(range(1, epochs + 1))
+    else:
+        shown_epochs = sorted({1, 2, 3, 5, 9, 15, 21, 27, epochs} & set(range(1, epochs + 1)))
+
     lines = [
-        "| seed | " + " | ".join(f"epoch {epoch}" for epoch in shown) + " |",
-        "| ---: | " + " | ".join("---:" for _ in shown) + " |",
+        "| seed | " + " | ".join(f"epoch {epoch}" for epoch in shown_epochs) + " |",
+        "| ---: | " + " | ".join("---:" for _ in shown_epochs) + " |",
     ]
     for result in results:
         curves = list(result.grid.values())
         best = [max(aucs) for aucs in curves]
-        cells = [f"{spearmanr([aucs[epoch - 1] for aucs in curves], best)[0]:+.2f}" for epoch in shown]
+        cells = [f"{spearmanr([aucs[epoch - 1] for aucs in curves], best)[0]:+.2f}" for epoch in shown_epochs]
         lines.append(f"| {result.seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

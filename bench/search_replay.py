@@ -35,7 +35,7 @@ from perf_common import quiet_libraries, spread
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid-file", type=Path, required=True, help="JSON file that search_efficiency.py --grid-file wrote")
+    parser.add_argument("--grid-file", type=Path, required=True, help="JSON file of grid AUCs written by search_efficiency.py --grid-file")
     parser.add_argument("--trials", type=int, default=40, help="trials of each search (default: %(default)s)")
     parser.add_argument("--search-seeds", type=int, default=4, help="searches per stored seed (default: %(default)s)")
     parser.add_argument("--grace-period", type=int, default=5, help="ASHA grace period in epochs; 5 is the default of aeplat search (default: %(default)s)")

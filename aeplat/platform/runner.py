@@ -91,23 +91,22 @@ _TRIAL_COLUMNS = (
 )
 
 
-# How often the sampler may propose a configuration that an earlier trial already has before
-# a trial trains a repeated configuration after all.
+# Maximum proposals per trial that repeat an earlier trial's configuration. After that, the trial
+# trains the repeated configuration, which happens once every configuration has been tried.
 MAX_REPEATED_PROPOSALS = 25
 
 
 class TolerantOptunaSearch(OptunaSearch):
-    """OptunaSearch that never trains a configuration twice and outlives results without the metric.
+    """OptunaSearch that avoids training a configuration twice and skips results without the metric.
 
     Every trial trains with the same seed, so a configuration trained again gives the same
     result. TPE proposes such repeats often in a small discrete space. When a proposal
-    repeats a finished trial, the study receives that trial's value for it at once, as
-    Optuna's documentation advises for duplicate parameters. When it repeats a trial that
-    is still running, the proposal is marked failed, which the sampler ignores. Either
-    way the sampler proposes again, up to MAX_REPEATED_PROPOSALS times.
+    repeats a finished trial, the study receives that trial's value for it at once. When it
+    repeats a trial that is still running, the proposal is marked failed, which the sampler
+    ignores. Either way the sampler proposes again, up to MAX_REPEATED_PROPOSALS times.
 
     Ray Tune 2.60's OptunaSearch raises KeyError on a result without the optimized metric,
-    which stops every trial; this searcher skips such a result. At completion a trial whose
+    which stops every trial. This searcher skips such a result. At completion a trial whose
     last result lacks the metric is recorded as pruned.
     """
 
@@ -129,6 +128,8 @@ class TolerantOptunaSearch(OptunaSearch):
             return False
 
         del self._ot_trials[trial_id]
+        # NOTE: a trial that ASHA stopped early is COMPLETE too, so its configuration never gets
+        # a second chance to train further, even when its early AUC does not predict its final one.
         if earlier.state == optuna.trial.TrialState.COMPLETE:
             self._ot_study.tell(proposal, earlier.value)
         else:

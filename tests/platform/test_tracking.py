@@ -126,16 +126,22 @@ def test_result_without_metric_does_not_end_search(tmp_path: Path, local_ray: No
     assert all(run.info.status == "FINISHED" for run in runs)
 
 
+def _callback_store(tmp_path: Path, experiment: str) -> tuple[str, MlflowClient, str, str]:
+    """Create a SQLite store with an experiment and a parent run; return the URI, client, experiment id and parent run id."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(experiment, artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(experiment_id)
+    return uri, client, experiment_id, parent.info.run_id
+
+
 def _fake_trial(trial_id: str, last_result: dict) -> SimpleNamespace:
     return SimpleNamespace(trial_id=trial_id, config={"fail": False}, last_result=last_result, checkpoint=object())
 
 
 def test_trial_completion_does_not_wait_for_artifact_logging(tmp_path: Path) -> None:
     """Tune's loop goes on while the writer thread still logs a finished trial's model and plots."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment_id = client.create_experiment("writer-thread", artifact_location=str(tmp_path / "artifacts"))
-    parent = client.create_run(experiment_id)
+    uri, client, experiment_id, parent_id = _callback_store(tmp_path, "writer-thread")
     writer_started, release = threading.Event(), threading.Event()
 
     def slow_writer(checkpoint: object, folder: Path) -> None:
@@ -143,7 +149,7 @@ def test_trial_completion_does_not_wait_for_artifact_logging(tmp_path: Path) -> 
         assert release.wait(timeout=60), "the test never released the artifact writer"
         (folder / "best_model.pt").write_bytes(b"weights")
 
-    callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, _training_values, max_epochs=1, artifact_writer=slow_writer)
+    callback = MlflowTrialCallback(uri, experiment_id, parent_id, _training_values, max_epochs=1, artifact_writer=slow_writer)
     trial = _fake_trial("abc_00000", {"epoch": 1, "best_val_auc": 0.7})
     callback.on_trial_start(0, [trial], trial)
     callback.on_trial_result(0, [trial], trial, {"epoch": 1, "val_auc": 0.7, "best_val_auc": 0.7, "timestamp": 1})
@@ -165,11 +171,8 @@ def test_trial_completion_does_not_wait_for_artifact_logging(tmp_path: Path) -> 
 
 
 def test_writer_thread_ends_with_the_experiment(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment_id = client.create_experiment("writer-end", artifact_location=str(tmp_path / "artifacts"))
-    parent = client.create_run(experiment_id)
-    callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, _training_values, max_epochs=1)
+    uri, client, experiment_id, parent_id = _callback_store(tmp_path, "writer-end")
+    callback = MlflowTrialCallback(uri, experiment_id, parent_id, _training_values, max_epochs=1)
     trial = _fake_trial("abc_00001", {"epoch": 1})
 
     callback.on_trial_start(0, [trial], trial)
@@ -183,17 +186,14 @@ def test_writer_thread_ends_with_the_experiment(tmp_path: Path) -> None:
 
 def test_halted_writer_leaves_later_writes_queued(tmp_path: Path) -> None:
     """An interrupted search halts the writer: the write in progress completes, later ones stay queued."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment_id = client.create_experiment("writer-halt", artifact_location=str(tmp_path / "artifacts"))
-    parent = client.create_run(experiment_id)
+    uri, client, experiment_id, parent_id = _callback_store(tmp_path, "writer-halt")
     writer_started, release = threading.Event(), threading.Event()
 
     def slow_writer(checkpoint: object, folder: Path) -> None:
         writer_started.set()
         assert release.wait(timeout=60), "the test never released the artifact writer"
 
-    callback = MlflowTrialCallback(uri, experiment_id, parent.info.run_id, _training_values, max_epochs=1, artifact_writer=slow_writer)
+    callback = MlflowTrialCallback(uri, experiment_id, parent_id, _training_values, max_epochs=1, artifact_writer=slow_writer)
     first, second = _fake_trial("abc_00002", {"epoch": 1}), _fake_trial("abc_00003", {"epoch": 1})
     callback.on_trial_start(0, [first], first)
     callback.on_trial_complete(0, [first], first)
