@@ -6,7 +6,9 @@ two fresh Python processes of itself, so each peak belongs to one step:
 1. prepare: aeplat's prepare_data with an empty cache (decoding every volume), peak RSS;
 2. search: run_search with the cache filled by step 1 (--trials trials of --epochs epochs,
    --max-concurrent at once), peak RSS of the driver process, and the peak RSS of each trial
-   process as trial_probe records it after each Trainer call.
+   process as trial_probe records it after each Trainer call. Ray Tune runs the next trial in
+   the process of a finished one, so with more trials than --max-concurrent a process runs
+   several; the table gives each process's peak after its first and after its last trial.
 
 Peak RSS is VmHWM from /proc (Linux). It counts the pages of Ray's shared-memory object store
 that a process has touched, so the driver and the trials both count the arrays that
@@ -97,11 +99,29 @@ def search_step(arguments: argparse.Namespace, work_dir: Path) -> dict[str, Any]
     finally:
         stop_ray()
 
+    records = [record for record in read_records(probe_dir) if record["trial_id"] and not record["span"].startswith("driver_")]
     trial_peaks: dict[str, float] = {}
-    for record in read_records(probe_dir):
-        if record["trial_id"] and not record["span"].startswith("driver_"):
-            trial_peaks[record["trial_id"]] = max(trial_peaks.get(record["trial_id"], 0.0), record["peak_rss_mib"])
-    return {"after_imports": after_imports, "driver_peak": driver_peak, "trial_peaks": list(trial_peaks.values())}
+    for record in records:
+        trial_peaks[record["trial_id"]] = max(trial_peaks.get(record["trial_id"], 0.0), record["peak_rss_mib"])
+    return {
+        "after_imports": after_imports,
+        "driver_peak": driver_peak,
+        "trial_peaks": list(trial_peaks.values()),
+        "processes": process_peaks(records, trial_peaks),
+    }
+
+
+def process_peaks(records: list[dict[str, Any]], trial_peaks: dict[str, float]) -> list[dict[str, Any]]:
+    """Return, per trial process, its number of trials and its peak RSS after its first and its last trial."""
+    trials_by_process: dict[int, list[str]] = {}
+    for record in records:  # sorted by start time
+        trials = trials_by_process.setdefault(record["pid"], [])
+        if record["trial_id"] not in trials:
+            trials.append(record["trial_id"])
+    return [
+        {"pid": pid, "trials": len(trials), "first_peak": trial_peaks[trials[0]], "last_peak": trial_peaks[trials[-1]]}
+        for pid, trials in trials_by_process.items()
+    ]
 
 
 def run_step(step: str, arguments: argparse.Namespace, cases_dir: Path, work_dir: Path) -> dict[str, Any]:
@@ -132,15 +152,18 @@ def measure(arguments: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| cases | slices | images + masks MiB | prepare (cold) peak MiB | search driver after start-up MiB | search driver peak MiB | trial peak MiB, median (quartiles; min to max; n) | load before |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| cases | slices | images + masks MiB | prepare (cold) peak MiB | search driver after start-up MiB | search driver peak MiB | trial peak MiB, median (quartiles; min to max; n) | trial processes: trials, peak MiB after the first → after the last | load before |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for row in rows:
         prepare, search = row["prepare"], row["search"]
         trials = spread(search["trial_peaks"]).format(0) if search["trial_peaks"] else "no record"
+        processes = "; ".join(
+            f"{process['trials']}, {process['first_peak']:.0f} → {process['last_peak']:.0f}" for process in search.get("processes", [])
+        )
         lines.append(
             f"| {row['cases']} | {prepare['slices']} | {prepare['dataset_mib']:.1f} | {prepare['peak']:.0f} | "
-            f"{search['after_imports']:.0f} | {search['driver_peak']:.0f} | {trials} | {row['load']} |"
+            f"{search['after_imports']:.0f} | {search['driver_peak']:.0f} | {trials} | {processes or 'no record'} | {row['load']} |"
         )
     return "\n".join(lines)
 

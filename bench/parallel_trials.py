@@ -74,6 +74,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", type=int, default=None, help="use the first CASES cases by name (default: all)")
     parser.add_argument("--image-size", type=int, default=64, help="side of the slices in pixels (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every trial; ASHA never stops one early (default: %(default)s)")
+    parser.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=SearchSettings.checkpoint_interval,
+        help="seconds between a trial's periodic checkpoints, as in aeplat search (default: %(default)s)",
+    )
     parser.add_argument("--max-train-images", type=int, default=None, help="train on at most this many normal slices (default: all)")
     parser.add_argument("--trials", type=int, default=8, help="trials per search (default: %(default)s)")
     parser.add_argument("--concurrent", type=int, default=2, help="--max-concurrent of the parallel searches (default: %(default)s)")
@@ -96,6 +102,7 @@ def base_settings(arguments: argparse.Namespace, work_dir: Path) -> SearchSettin
         # A grace period of all epochs gives ASHA no rung, so every trial runs to the end.
         grace_period=arguments.epochs,
         cpus_per_trial=arguments.cpus_per_trial,
+        checkpoint_interval=arguments.checkpoint_interval,
         max_train_images=arguments.max_train_images,
         tracking_uri=f"sqlite:///{work_dir / 'mlflow.db'}",
         experiment="bench-parallel-trials",
@@ -183,8 +190,8 @@ def _median_training(search: SearchTiming) -> float:
 
 def overhead_table(searches: list[SearchTiming]) -> str:
     lines = [
-        "| max_concurrent | trials | wall s | train_epoch + evaluate s | overhead s | overhead share | process start s | set-up s | checkpoint reports s | finish s | MLflow callbacks s | rest s | model and plots: writer s | logged after the callback s |",
-        "| ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| max_concurrent | trials | wall s | train_epoch + evaluate s | overhead s | overhead share | process start s | set-up s | checkpoints | checkpoint reports s | finish s | MLflow callbacks s | rest s | model and plots: writer s | logged after the callback s |",
+        "| ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for concurrency in sorted({search.concurrency for search in searches}):
         trials = [trial for search in searches if search.concurrency == concurrency for trial in search.trials]
@@ -197,6 +204,7 @@ def overhead_table(searches: list[SearchTiming]) -> str:
         process_start = spread(trial.process_start for trial in trials).median
         setup = spread(trial.setup for trial in trials).median
         checkpoint = spread(trial.checkpoint for trial in trials).median
+        checkpoints = spread(trial.checkpoints for trial in trials).median
         finish = spread(trial.finish for trial in trials).median
         artifacts = spread(trial.artifacts for trial in trials).median
         mlflow_seconds = spread(trial.mlflow for trial in trials).median
@@ -204,7 +212,7 @@ def overhead_table(searches: list[SearchTiming]) -> str:
         lag = spread(trial.logging_lag for trial in trials).median
         lines.append(
             f"| {concurrency} | {len(trials)} | {wall.format()} | {training.format()} | {overhead.format()} | "
-            f"{share.format()} | {process_start:.2f} | {setup:.2f} | {checkpoint:.2f} | {finish:.2f} | {mlflow_seconds:.2f} | {rest:.2f} | "
+            f"{share.format()} | {process_start:.2f} | {setup:.2f} | {checkpoints:.0f} | {checkpoint:.2f} | {finish:.2f} | {mlflow_seconds:.2f} | {rest:.2f} | "
             f"{artifacts:.2f} | {lag:.2f} |"
         )
     return "\n".join(lines)

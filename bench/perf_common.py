@@ -205,7 +205,8 @@ class TrialTiming:
     trial start callback, where MLflow's child run starts, and setup from there to the first
     train_epoch call (reading the arrays from Ray's object store, building the model). train
     and evaluate are the time inside Trainer.train_epoch and Trainer.evaluate in the trial
-    process, and checkpoint the time inside the checkpointing reports that returned. finish
+    process, checkpoint the time inside the checkpointing reports that returned and checkpoints
+    their number. finish
     runs from the end of the trial process's last recorded call to the end of the completion
     callback: the last report (Tune stops the trial inside it, so it never returns), trial
     shutdown and the completion callback. artifacts is the writer thread's time writing and
@@ -225,6 +226,7 @@ class TrialTiming:
     evaluate: float
     setup: float
     checkpoint: float
+    checkpoints: int
     finish: float
     artifacts: float
     mlflow: float
@@ -281,6 +283,7 @@ def trial_timings(children: Sequence[ChildRun], records: Sequence[dict[str, Any]
                 evaluate=seconds["evaluate"],
                 setup=min(record["start"] for record in worker if record["span"] == "train_epoch") - started,
                 checkpoint=seconds["checkpoint_report"],
+                checkpoints=sum(1 for record in worker if record["span"] == "checkpoint_report"),
                 finish=ended - last_end,
                 artifacts=seconds["driver_artifacts"],
                 mlflow=driver_callbacks,

@@ -61,6 +61,16 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--reduction-factor", type=int, default=3, help="ASHA keeps 1 in this many trials at each rung (default: %(default)s)")
     search.add_argument("--max-concurrent", type=int, default=2, help="trials running at the same time (default: %(default)s)")
     search.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial from its last checkpoint (default: %(default)s)")
+    search.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help=(
+            "seconds between a trial's periodic checkpoints; a trial also saves one after its last epoch and where ASHA "
+            "may stop it, and 0 saves one after every epoch (default: %(default)s)"
+        ),
+    )
     search.add_argument("--seed", type=int, default=0, help="seed of the sampler, the split and every trial (default: %(default)s)")
     search.add_argument(
         "--repeats",
@@ -164,6 +174,7 @@ def settings_from_args(args: argparse.Namespace) -> SearchSettings:
         s3_endpoint_url=args.s3_endpoint_url,
         search_space=args.search_space,
         max_failures=args.max_failures,
+        checkpoint_interval=args.checkpoint_interval,
         device=args.device,
         repeats=args.repeats,
         resume=args.resume,

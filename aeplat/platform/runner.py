@@ -24,7 +24,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -54,7 +54,15 @@ from aeplat.platform.tracking import (
     log_params,
     set_artifact_writer,
 )
-from aeplat.platform.trainable import TrialData, load_best_weights, run_trial, training_config, write_trial_artifacts
+from aeplat.platform.trainable import (
+    CheckpointSchedule,
+    TrialData,
+    load_best_weights,
+    run_trial,
+    scheduler_stop_epochs,
+    training_config,
+    write_trial_artifacts,
+)
 from aeplat.search_spaces import SearchSpace
 from aeplat.trainers import ErrorMapModel, Trainer, UndefinedMetricError, image_metrics, pixel_metrics, resolve_device
 from aeplat.trainers.plots import AUC_BY_LATENT_SIZE_FILE, plot_auc_by_latent_size
@@ -91,8 +99,9 @@ _TRIAL_COLUMNS = (
 )
 
 
-# Maximum proposals per trial that repeat an earlier trial's configuration. After that, the trial
-# trains the repeated configuration, which happens once every configuration has been tried.
+# Maximum proposals per trial that repeat an earlier trial's configuration. After that, the search
+# ends if every configuration of a finite space has been tried, and otherwise the trial trains the
+# repeated configuration.
 MAX_REPEATED_PROPOSALS = 25
 
 
@@ -103,19 +112,31 @@ class TolerantOptunaSearch(OptunaSearch):
     result. TPE proposes such repeats often in a small discrete space. When a proposal
     repeats a finished trial, the study receives that trial's value for it at once. When it
     repeats a trial that is still running, the proposal is marked failed, which the sampler
-    ignores. Either way the sampler proposes again, up to MAX_REPEATED_PROPOSALS times.
+    ignores. Either way the sampler proposes again, up to MAX_REPEATED_PROPOSALS times. When
+    every configuration of a finite space (no float range) is finished or running, the searcher
+    reports that it is finished, and the search ends with fewer trials than requested.
 
     Ray Tune 2.60's OptunaSearch raises KeyError on a result without the optimized metric,
     which stops every trial. This searcher skips such a result. At completion a trial whose
     last result lacks the metric is recorded as pruned.
     """
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         config = super().suggest(trial_id)
         for _ in range(MAX_REPEATED_PROPOSALS):
             if config is None or not self._settle_repeat(trial_id):
                 return config
             config = super().suggest(trial_id)
+
+        size = self._space.size() if isinstance(self._space, SearchSpace) else None
+        if size is not None and _tried_configurations(self._ot_study) >= size:
+            self._settle_repeat(trial_id)
+            logger.info(
+                "Every one of the %d configurations of the search space has been tried, so the search starts no more trials. "
+                "Widen the space in a --search-space file to search further.",
+                size,
+            )
+            return Searcher.FINISHED
 
         logger.info("The sampler proposed only configurations that earlier trials have, so trial %s repeats one.", trial_id)
         return config
@@ -142,6 +163,12 @@ class TolerantOptunaSearch(OptunaSearch):
             logger.warning("Trial %s reported no %s; the sampler skips this result.", trial_id, self.metric)
             return
         super().on_trial_result(trial_id, result)
+
+
+def _tried_configurations(study: optuna.Study) -> int:
+    """Return the number of distinct parameter sets among the study's finished and running trials."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    return len({tuple(sorted(trial.params.items())) for trial in study.get_trials(deepcopy=False, states=states)})
 
 
 def _earlier_trial_with_params(study: optuna.Study, number: int, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
@@ -545,6 +572,16 @@ def _check_trial_fits(settings: SearchSettings, embedded: bool) -> None:
             raise SearchError(f"{message} Lower {option}, or pass --ray-address of a cluster with larger nodes.")
         logger.warning("%s Trials wait until the autoscaler adds a node that is large enough.", message)
 
+    # The embedded Ray's trials run on this machine, so a missing CUDA device here fails every trial.
+    if embedded and settings.device == "cuda":
+        try:
+            resolve_device(settings.device)
+        except ValueError as error:
+            raise SearchError(
+                f"--device cuda, but this machine has no usable CUDA device ({error}). "
+                "Use --device auto or cpu, or pass --ray-address of a cluster with GPU nodes."
+            ) from None
+
 
 def _run_trials(
     settings: SearchSettings,
@@ -568,6 +605,11 @@ def _run_trials(
         device=settings.device,
         space=space,
         repeats=settings.repeats,
+        checkpoints=CheckpointSchedule(
+            last_epoch=settings.epochs,
+            stop_epochs=scheduler_stop_epochs(settings.epochs, settings.grace_period, settings.reduction_factor),
+            interval_s=settings.checkpoint_interval,
+        ),
     )
     searcher = TolerantOptunaSearch(
         space=space,

@@ -48,6 +48,8 @@ class SearchSettings:
     s3_endpoint_url: str | None = None
     search_space: Path | None = None
     max_failures: int = 0
+    # Seconds between a trial's periodic checkpoints; see aeplat.platform.trainable.CheckpointSchedule.
+    checkpoint_interval: float = 30.0
     device: str = "auto"
     repeats: int = 1
     # None: continue the newest interrupted search with the same key if one exists (RUNNING or
@@ -102,6 +104,10 @@ class SearchSettings:
         )
         _require(self.max_failures >= 0, f"--max-failures must be >= 0, got {self.max_failures}.")
         _require(
+            self.checkpoint_interval >= 0,
+            f"--checkpoint-interval must be >= 0 seconds (0 saves a checkpoint after every epoch), got {self.checkpoint_interval}.",
+        )
+        _require(
             self.max_train_images is None or self.max_train_images >= 2,
             f"--max-train-images must be at least 2, got {self.max_train_images}.",
         )
@@ -112,10 +118,10 @@ class SearchSettings:
         """Return a key of the settings that define a search's trials, to find the search again.
 
         Options that change only where or how fast trials run (concurrency, resources, Ray
-        address, storage, tracking store, cache, --resume) are left out, so a search
+        address, storage, tracking store, cache, checkpoint interval, --resume) are left out, so a search
         interrupted on one machine can resume on another.
         """
-        volatile = {"max_concurrent", "cpus_per_trial", "gpus_per_trial", "ray_address", "tracking_uri", "storage", "cache_dir", "resume", "device", "max_failures", "s3_endpoint_url"}
+        volatile = {"max_concurrent", "cpus_per_trial", "gpus_per_trial", "ray_address", "tracking_uri", "storage", "cache_dir", "resume", "device", "max_failures", "s3_endpoint_url", "checkpoint_interval"}
         values = {key: value for key, value in self.as_params().items() if key not in volatile}
         text = json.dumps({"settings": values, "space": space_description}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

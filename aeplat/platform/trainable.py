@@ -10,9 +10,11 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,47 @@ TRAINING_CONFIG_FILE = "training_config.json"
 # Staging folders of checkpoints in the system temporary folder, named by the trial process's PID.
 CHECKPOINT_STAGING_PREFIX = "aeplat-checkpoint-"
 
+# Summary key of a checkpoint whose best weights are the model weights of one trainer state in
+# trainer.pt (the index of that state), saved without a separate best_model.pt.
+BEST_WEIGHTS_STATE_KEY = "best_weights_state"
+
+DEFAULT_CHECKPOINT_INTERVAL_S = 30.0
+
+
+def scheduler_stop_epochs(epochs: int, grace_period: int, reduction_factor: float) -> tuple[int, ...]:
+    """Return the epochs after which ASHA (one bracket) may stop a trial, the last epoch included.
+
+    The rungs lie at grace_period * reduction_factor ** k, for every k that keeps them within
+    ``epochs``. ASHA decides at the first result whose training iteration reaches a rung, and a
+    trial reports once per epoch, so the decision falls on the epoch ceil(rung).
+    """
+    rungs = int(math.log(epochs / grace_period) / math.log(reduction_factor) + 1)
+    stops = {math.ceil(grace_period * reduction_factor**k) for k in range(rungs)}
+    return tuple(sorted(epoch for epoch in stops | {epochs} if epoch <= epochs))
+
+
+@dataclass(frozen=True)
+class CheckpointSchedule:
+    """When a trial saves a checkpoint, so that few epochs pay for one and none is lost.
+
+    A checkpoint is due after the last epoch; after an epoch where the scheduler may stop the
+    trial, if the best validation AUC changed since the previous checkpoint (so the stopped
+    trial's checkpoint holds its best weights); and otherwise once ``interval_s`` seconds have
+    passed since the previous checkpoint (0 saves one after every epoch), which bounds the
+    training that a trial restored after a failure repeats.
+    """
+
+    last_epoch: int
+    stop_epochs: tuple[int, ...] = ()
+    interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
+
+    def due(self, epoch: int, best_changed: bool, seconds_since_previous: float) -> bool:
+        if epoch >= self.last_epoch:
+            return True
+        if best_changed and epoch in self.stop_epochs:
+            return True
+        return seconds_since_previous >= self.interval_s
+
 
 @dataclass(frozen=True)
 class TrialData:
@@ -51,6 +94,10 @@ class TrialData:
     device: str
     space: SearchSpace
     repeats: int = 1
+    checkpoints: CheckpointSchedule | None = None
+
+    def checkpoint_schedule(self) -> CheckpointSchedule:
+        return self.checkpoints or CheckpointSchedule(last_epoch=self.epochs)
 
 
 def training_config(config: dict[str, Any], space: SearchSpace, seed: int) -> TrainingConfig:
@@ -66,6 +113,22 @@ def trial_device(data: TrialData) -> torch.device:
     return resolve_device("cuda" if data.gpus_per_trial > 0 else "cpu")
 
 
+def limit_gpu_memory(device: torch.device, gpus_per_trial: float) -> None:
+    """Cap this process's share of the GPU's memory at gpus_per_trial when trials share a GPU.
+
+    Ray gives each trial a fraction of a GPU but does not divide its memory. With the cap, a
+    trial that outgrows its share fails with CUDA's out-of-memory error, and the trials next to
+    it on the same GPU go on.
+    """
+    if device.type != "cuda" or not 0 < gpus_per_trial < 1:
+        return
+
+    # The call needs a device index; a plain "cuda" means the current device.
+    index = torch.cuda.current_device() if device.index is None else device.index
+    torch.cuda.set_per_process_memory_fraction(float(gpus_per_trial), index)
+    logger.debug("GPU memory of this trial process capped at %.0f %% of %s.", 100 * gpus_per_trial, device)
+
+
 def run_trial(config: dict[str, Any], data: TrialData) -> None:
     """Train one configuration with ``data.repeats`` seeds and report validation metrics after every epoch.
 
@@ -73,14 +136,16 @@ def run_trial(config: dict[str, Any], data: TrialData) -> None:
     ``val_auc`` and the other shared keys are means over the seeds, ``val_auc_std`` is the
     population standard deviation of the AUC over the seeds (0.0 for one seed), and
     ``seed_<seed>/<key>`` contains each seed's own value. ``best_val_auc`` is the best mean
-    AUC so far. A checkpoint is saved whenever it improves and after the last epoch. It
-    contains every trainer's state (to resume), and the weights and validation scores of the
-    seed with the highest AUC at the best epoch (to register and plot).
+    AUC so far. Checkpoints follow ``data.checkpoint_schedule()``. Each contains every
+    trainer's state (to resume), and the weights and validation scores of the seed with the
+    highest AUC at the best epoch (to register and plot).
     """
     torch.set_num_threads(max(1, int(data.cpus_per_trial)))
     remove_orphaned_staging_folders()
     seed_everything(data.seed)
     device = trial_device(data)
+    limit_gpu_memory(device, data.gpus_per_trial)
+    schedule = data.checkpoint_schedule()
     seeds = [data.seed + offset for offset in range(data.repeats)]
     trainers = [Trainer(training_config(config, data.space, seed), image_size=data.image_size, device=device) for seed in seeds]
     best = {"best_val_auc": float("-inf"), "best_epoch": 0, "best_seed": seeds[0]}
@@ -92,22 +157,26 @@ def run_trial(config: dict[str, Any], data: TrialData) -> None:
         best, best_weights, best_scores = _restore(trainers, checkpoint)
         logger.info("Trial resumed from epoch %d (best validation AUC %.4f).", trainers[0].epoch, best["best_val_auc"])
 
+    best_changed = False
+    previous_checkpoint = time.monotonic()
     while trainers[0].epoch < data.epochs:
         evaluated = [_train_and_evaluate(trainer, data) for trainer in trainers]
         per_seed = [seed_metrics for seed_metrics, _ in evaluated]
         metrics = _combine_seeds(per_seed, seeds)
         epoch = trainers[0].epoch
 
-        improved = metrics["val_auc"] > best["best_val_auc"]
-        if improved:
+        if metrics["val_auc"] > best["best_val_auc"]:
             winner = max(range(len(seeds)), key=lambda index: per_seed[index]["val_auc"])
             best = {"best_val_auc": metrics["val_auc"], "best_epoch": epoch, "best_seed": seeds[winner]}
             best_weights = copy.deepcopy(trainers[winner].model.state_dict())
             best_scores = evaluated[winner][1]
+            best_changed = True
 
         metrics = {"epoch": epoch, **metrics, **best}
-        if improved or epoch == data.epochs:
+        if schedule.due(epoch, best_changed, time.monotonic() - previous_checkpoint):
             _report_with_checkpoint(metrics, trainers, best_weights, best_scores)
+            best_changed = False
+            previous_checkpoint = time.monotonic()
         else:
             tune.report(metrics)
 
@@ -137,15 +206,21 @@ def _report_with_checkpoint(
     # (about 40 MB at hidden width 1024) stays behind until remove_orphaned_staging_folders.
     with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_STAGING_PREFIX}{os.getpid()}-") as folder:
         folder_path = Path(folder)
-        torch.save([trainer.state_dict() for trainer in trainers], folder_path / TRAINER_STATE_FILE)
-        torch.save(best_weights, folder_path / BEST_MODEL_FILE)
-        if best_scores is not None:
-            np.save(folder_path / VALIDATION_SCORES_FILE, best_scores)
         best_seed = metrics["best_seed"]
         summary = {
             **{key: metrics[key] for key in ("best_val_auc", "best_epoch", "best_seed")},
             "training": dataclasses.asdict(dataclasses.replace(trainers[0].config, seed=best_seed)),
         }
+        torch.save([trainer.state_dict() for trainer in trainers], folder_path / TRAINER_STATE_FILE)
+
+        # At the best epoch itself, the best weights are those of the winning seed's trainer state.
+        if metrics["best_epoch"] == metrics["epoch"]:
+            summary[BEST_WEIGHTS_STATE_KEY] = [trainer.config.seed for trainer in trainers].index(best_seed)
+        else:
+            torch.save(best_weights, folder_path / BEST_MODEL_FILE)
+
+        if best_scores is not None:
+            np.save(folder_path / VALIDATION_SCORES_FILE, best_scores)
         (folder_path / SUMMARY_FILE).write_text(json.dumps(summary, default=str), encoding="utf-8")
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -192,12 +267,23 @@ def _restore(
             )
         for trainer, state in zip(trainers, states):
             trainer.load_state_dict(state)
-        best_weights = torch.load(folder_path / BEST_MODEL_FILE, weights_only=True)
-        best_scores = _load_scores(folder_path)
         summary = json.loads((folder_path / SUMMARY_FILE).read_text(encoding="utf-8"))
+        best_weights = _best_weights(folder_path, summary, states)
+        best_scores = _load_scores(folder_path)
 
     best = {key: summary[key] for key in ("best_val_auc", "best_epoch", "best_seed")}
     return best, best_weights, best_scores
+
+
+def _best_weights(folder: Path, summary: dict[str, Any], states: list[dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
+    """Return the best weights of a checkpoint folder: best_model.pt, or the model of the trainer state it names."""
+    index = summary.get(BEST_WEIGHTS_STATE_KEY)
+    if index is None:
+        return torch.load(folder / BEST_MODEL_FILE, weights_only=True)
+
+    if states is None:
+        states = torch.load(folder / TRAINER_STATE_FILE, weights_only=True)
+    return states[index]["model"]
 
 
 def _load_scores(folder: Path) -> np.ndarray | None:
@@ -214,8 +300,8 @@ def load_best_weights(checkpoint: tune.Checkpoint) -> tuple[dict[str, torch.Tens
 def _load_best(checkpoint: tune.Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any], np.ndarray | None]:
     with checkpoint.as_directory() as folder:
         folder_path = Path(folder)
-        weights = torch.load(folder_path / BEST_MODEL_FILE, weights_only=True)
         summary = json.loads((folder_path / SUMMARY_FILE).read_text(encoding="utf-8"))
+        weights = _best_weights(folder_path, summary)
         scores = _load_scores(folder_path)
     return weights, summary, scores
 

@@ -49,6 +49,21 @@ class Parameter:
         """Name of the sampled choice between 0 and a sampled value, for a float with include_zero."""
         return self.name + _ENABLED_SUFFIX
 
+    def size(self) -> int | None:
+        """Return how many distinct values the sampler can propose, or None for a float range."""
+        if self.type == "categorical":
+            return len(self.choices)
+
+        if self.type == "power_of_two":
+            return int(math.log2(self.high)) - int(math.log2(self.low)) + 1
+
+        if self.type == "int":
+            return int(self.high) - int(self.low) + 1
+
+        if self.low != self.high:
+            return None
+        return 2 if self.include_zero else 1
+
     def suggest(self, trial: Any) -> Any:
         """Suggest a value with an Optuna trial and return the value the trial trains with."""
         if self.type == "categorical":
@@ -80,6 +95,16 @@ class SearchSpace:
     def __call__(self, trial: Any) -> dict[str, Any]:
         values = {parameter.name: parameter.suggest(trial) for parameter in self.parameters}
         return {**dict(self.constants), **values}
+
+    def size(self) -> int | None:
+        """Return the number of distinct configurations, or None when a float range makes it unbounded."""
+        total = 1
+        for parameter in self.parameters:
+            count = parameter.size()
+            if count is None:
+                return None
+            total *= count
+        return total
 
     def training_values(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Return the values a trial trains with from a Tune config.

@@ -103,9 +103,10 @@ def test_array_shapes_give_same_scores(scoring_model, case_slices) -> None:
     single = scoring_model.predict(images[1, 0])["score"]
     as_list = scoring_model.predict([image for image in images[:, 0]])["score"]
 
-    np.testing.assert_array_equal(squeezed, batch)
-    np.testing.assert_array_equal(single, batch[1:2])
-    np.testing.assert_array_equal(as_list, batch)
+    # A batch of one may take another CPU kernel than a batch of three, which changes the last bits.
+    np.testing.assert_allclose(squeezed, batch, rtol=1e-6)
+    np.testing.assert_allclose(single, batch[1:2], rtol=1e-6)
+    np.testing.assert_allclose(as_list, batch, rtol=1e-6)
 
 
 def test_larger_array_is_resized_as_in_training(scoring_model, trainer) -> None:

@@ -34,7 +34,7 @@ def test_search_finishes_after_losing_a_worker_node(brats_subset: dict, tmp_path
         pytest.skip("unshare --net --pid --map-root-user is unavailable, so a private two-node cluster cannot start")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     search = search_command(
-        brats_subset, tmp_path, "--trials", "3", "--epochs", "30", "--grace-period", "30", "--max-failures", "2", "--tracking-uri", uri
+        brats_subset, tmp_path, "--trials", "3", "--epochs", "30", "--grace-period", "30", "--max-failures", "2", "--checkpoint-interval", "0", "--tracking-uri", uri
     )
 
     completed = subprocess.run(

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from aeplat.deploy import load_error_map_model, load_scoring_model, score_images
@@ -193,6 +194,18 @@ def test_impossible_gpu_request_fails_fast(brats_subset: dict, tmp_path: Path) -
 
     assert completed.returncode == 2
     assert "--gpus-per-trial 4 exceeds every Ray node" in " ".join(completed.stderr.split())
+
+
+def test_cuda_device_without_cuda_fails_fast(brats_subset: dict, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+
+    completed = run_search_command(tmp_path, brats_subset, "--trials", "1", "--device", "cuda")
+
+    assert completed.returncode == 2
+    assert "--device cuda, but this machine has no usable CUDA device" in " ".join(completed.stderr.split())
+    experiment = _client(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("aeplat-brats-flair")
+    assert experiment is None, "the search created MLflow runs before it checked the device"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -1,4 +1,4 @@
-"""TolerantOptunaSearch proposes every configuration once, called as Ray Tune calls it."""
+"""TolerantOptunaSearch proposes every configuration once and ends an exhausted space, called as Ray Tune calls it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 
 import optuna
 import pytest
+from ray.tune.search import Searcher
 
 pytest.importorskip("ray")
 
@@ -74,7 +75,7 @@ def test_repeated_proposal_told_earlier_value() -> None:
     assert all(trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 0.75 for trial in repeats)
 
 
-def test_exhausted_space_repeats_a_configuration(caplog: pytest.LogCaptureFixture) -> None:
+def test_exhausted_space_ends_the_search(caplog: pytest.LogCaptureFixture) -> None:
     searcher = _searcher()
     for number in range(4):
         searcher.suggest(f"trial-{number}")
@@ -83,5 +84,29 @@ def test_exhausted_space_repeats_a_configuration(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.INFO, logger="aeplat.platform.runner"):
         config = searcher.suggest("trial-4")
 
-    assert config["latent_dim"] in {4, 8, 16, 32}
-    assert "earlier trials have" in caplog.text
+    assert config == Searcher.FINISHED
+    assert "Every one of the 4 configurations" in caplog.text
+    running = searcher._ot_study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert running == [], "the last repeated proposal stayed open in the study"
+
+
+def test_running_configurations_count_as_tried() -> None:
+    searcher = _searcher()
+    for number in range(4):
+        searcher.suggest(f"trial-{number}")
+
+    assert searcher.suggest("trial-4") == Searcher.FINISHED
+
+
+@pytest.mark.parametrize(
+    ("parameters", "size"),
+    [
+        ("  d:\n    type: power_of_two\n    low: 4\n    high: 32\n", 4),
+        ("  d:\n    type: power_of_two\n    low: 4\n    high: 32\n  m:\n    type: categorical\n    choices: [ae, vae, ceae]\n", 12),
+        ("  n:\n    type: int\n    low: 2\n    high: 6\n", 5),
+        ("  lr:\n    type: float\n    low: 0.0001\n    high: 0.01\n    log: true\n", None),
+        ("  lam:\n    type: float\n    low: 0.5\n    high: 0.5\n    include_zero: true\n", 2),
+    ],
+)
+def test_search_space_size(parameters: str, size: int | None) -> None:
+    assert parse_search_space(f"dataset: brats\nparameters:\n{parameters}").size() == size
