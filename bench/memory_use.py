@@ -8,7 +8,9 @@ two fresh Python processes of itself, so each peak belongs to one step:
    --max-concurrent at once), peak RSS of the driver process, and the peak RSS of each trial
    process as trial_probe records it after each Trainer call. Ray Tune runs the next trial in
    the process of a finished one, so with more trials than --max-concurrent a process runs
-   several; the table gives each process's peak after its first and after its last trial.
+   several. The table gives each process's peak after its first and after its last trial, and
+   its resident memory at the first training epoch of its first and of its last trial.
+   --no-trim measures without the trim of freed memory that each trial does at its start.
 
 Peak RSS is VmHWM from /proc (Linux). It counts the pages of Ray's shared-memory object store
 that a process has touched, so the driver and the trials both count the arrays that
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from perf_common import DEFAULT_DATA_DIR, link_cases, load_average, machine_text, spread, write_fixed_space
-from trial_probe import peak_rss_mib, read_records
+from trial_probe import NO_TRIM_VARIABLE, peak_rss_mib, read_records
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +44,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each trial (default: %(default)s)")
     parser.add_argument("--max-concurrent", type=int, default=2, help="concurrent trials (default: %(default)s)")
     parser.add_argument("--work-dir", type=Path, default=None, help="folder for caches, MLflow stores and Tune results (default: a new temporary folder)")
+    parser.add_argument("--no-trim", action="store_true", help="turn off the trim of freed memory at the start of each trial")
     parser.add_argument("--step", choices=("prepare", "search"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cases-dir", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -114,12 +118,20 @@ def search_step(arguments: argparse.Namespace, work_dir: Path) -> dict[str, Any]
 def process_peaks(records: list[dict[str, Any]], trial_peaks: dict[str, float]) -> list[dict[str, Any]]:
     """Return, per trial process, its number of trials and its peak RSS after its first and its last trial."""
     trials_by_process: dict[int, list[str]] = {}
+    start_rss: dict[str, float | None] = {}
     for record in records:  # sorted by start time
         trials = trials_by_process.setdefault(record["pid"], [])
         if record["trial_id"] not in trials:
             trials.append(record["trial_id"])
+            start_rss[record["trial_id"]] = record.get("rss_mib")
     return [
-        {"pid": pid, "trials": len(trials), "first_peak": trial_peaks[trials[0]], "last_peak": trial_peaks[trials[-1]]}
+        {
+            "pid": pid,
+            "trials": len(trials),
+            "first_peak": trial_peaks[trials[0]],
+            "last_peak": trial_peaks[trials[-1]],
+            "start_rss": [start_rss[trial] for trial in trials],
+        }
         for pid, trials in trials_by_process.items()
     ]
 
@@ -130,7 +142,8 @@ def run_step(step: str, arguments: argparse.Namespace, cases_dir: Path, work_dir
         "--image-size", str(arguments.image_size), "--trials", str(arguments.trials), "--epochs", str(arguments.epochs),
         "--max-concurrent", str(arguments.max_concurrent),
     ]  # fmt: skip
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    environment = {**os.environ, NO_TRIM_VARIABLE: "1" if arguments.no_trim else "0"}
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if completed.returncode != 0:
         raise RuntimeError(f"the {step} step failed with exit code {completed.returncode}:\n{completed.stderr[-4000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -150,16 +163,21 @@ def measure(arguments: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| cases | slices | images + masks MiB | prepare (cold) peak MiB | search driver after start-up MiB | search driver peak MiB | trial peak MiB, median (quartiles; min to max; n) | trial processes: trials, peak MiB after the first → after the last | load before |",
+        "| cases | slices | images + masks MiB | prepare (cold) peak MiB | search driver after start-up MiB | search driver peak MiB | trial peak MiB, median (quartiles; min to max; n) | trial processes: trials, peak MiB after the first → after the last, resident MiB at the first → at the last | load before |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for row in rows:
         prepare, search = row["prepare"], row["search"]
         trials = spread(search["trial_peaks"]).format(0) if search["trial_peaks"] else "no record"
         processes = "; ".join(
-            f"{process['trials']}, {process['first_peak']:.0f} → {process['last_peak']:.0f}" for process in search.get("processes", [])
+            f"{process['trials']}, {process['first_peak']:.0f} → {process['last_peak']:.0f}, {_mib(process['start_rss'][0])} → {_mib(process['start_rss'][-1])}"
+            for process in search.get("processes", [])
         )
         lines.append(
             f"| {row['cases']} | {prepare['slices']} | {prepare['dataset_mib']:.1f} | {prepare['peak']:.0f} | "
@@ -181,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(arguments, root)
 
     print()
+    trim = "without" if arguments.no_trim else "with"
     print(
         f"{arguments.image_size}×{arguments.image_size}, {arguments.trials} trials of {arguments.epochs} epochs, "
-        f"{arguments.max_concurrent} concurrent; {machine_text()}; load average at the end {load_average()}"
+        f"{arguments.max_concurrent} concurrent, {trim} the trim of freed memory; {machine_text()}; load average at the end {load_average()}"
     )
     print()
     print(table(rows))

@@ -17,23 +17,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trial_probe import PROBE_DIR_VARIABLE, install_driver_probe
+from trial_probe import NO_TRIM_VARIABLE, PROBE_DIR_VARIABLE, install_driver_probe
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = Path("../shared/data/brats")
 
 # A search space with one sampled value: every trial trains the same configuration, so the
 # trials of a search and of two searches differ only in where and when they run.
+# The learning rate varies in its fifth digit only, so the space is unbounded. The searcher ends
+# a search early once every configuration of a finite space has been tried.
 FIXED_SPACE_TEMPLATE = """\
 dataset: brats
 parameters:
-  latent_dim:
-    type: categorical
-    choices: [{latent_dim}]
+  lr:
+    type: float
+    low: 0.001
+    high: 0.0010001
 constants:
   model: {model}
+  latent_dim: {latent_dim}
   entropy_weight: 0.0
-  lr: 0.001
   hidden_dim: {hidden_dim}
   batch_size: {batch_size}
 """
@@ -83,7 +86,7 @@ def machine_text() -> str:
 
 
 def write_fixed_space(folder: Path, latent_dim: int = 16, model: str = "ae", hidden_dim: int = 1024, batch_size: int = 64) -> Path:
-    """Write a search space file whose trials all train one configuration, and return its path."""
+    """Write a search space file whose trials train one configuration, with learning rates within 0.01 % of each other, and return its path."""
     path = Path(folder) / "fixed_space.yaml"
     text = FIXED_SPACE_TEMPLATE.format(latent_dim=latent_dim, model=model, hidden_dim=hidden_dim, batch_size=batch_size)
     path.write_text(text, encoding="utf-8")
@@ -125,7 +128,11 @@ def start_probed_ray(probe_dir: Path, num_cpus: int | None = None, num_gpus: int
     python_path = os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")]))
     runtime_env = {
         "worker_process_setup_hook": "trial_probe.install",
-        "env_vars": {PROBE_DIR_VARIABLE: str(Path(probe_dir).resolve()), "PYTHONPATH": python_path},
+        "env_vars": {
+            PROBE_DIR_VARIABLE: str(Path(probe_dir).resolve()),
+            NO_TRIM_VARIABLE: os.environ.get(NO_TRIM_VARIABLE, "0"),
+            "PYTHONPATH": python_path,
+        },
     }
     Path(probe_dir).mkdir(parents=True, exist_ok=True)
     install_driver_probe(Path(probe_dir))

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 PROBE_DIR_VARIABLE = "AEPLAT_BENCH_PROBE_DIR"
+# Set to 1 to measure trial processes without the trim of freed memory at each trial's start.
+NO_TRIM_VARIABLE = "AEPLAT_BENCH_NO_MALLOC_TRIM"
 
 
 def install() -> None:
@@ -46,6 +48,8 @@ def install() -> None:
     # Trainer.evaluate calls evaluate_with_scores, which trials call directly.
     Trainer.evaluate_with_scores = _timed(Trainer.evaluate_with_scores, "evaluate", Path(folder))
     trainable._report_with_checkpoint = _timed(trainable._report_with_checkpoint, "checkpoint_report", Path(folder))
+    if os.environ.get(NO_TRIM_VARIABLE) == "1":
+        trainable.release_freed_memory = lambda: False
     tune.report = _timed(tune.report, "report", Path(folder))
 
 
@@ -85,6 +89,17 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda record: record["start"])
 
 
+def current_rss_mib() -> float | None:
+    """Return the resident set size of this process in MiB (VmRSS), or None without /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
     """Return the peak resident set size of this process in MiB (VmHWM on Linux, else ru_maxrss)."""
     try:
@@ -112,6 +127,7 @@ def _timed(function: Callable[..., Any], span: str, folder: Path, trial_id_from_
             "start": started_at,
             "seconds": time.perf_counter() - started,
             "peak_rss_mib": peak_rss_mib(),
+            "rss_mib": current_rss_mib(),
         }
         if span == "evaluate":
             record["val_auc"] = float(result[0]["val_auc"])

@@ -58,6 +58,7 @@ from aeplat.platform.trainable import (
     CheckpointSchedule,
     TrialData,
     load_best_weights,
+    remove_orphaned_staging_folders,
     run_trial,
     scheduler_stop_epochs,
     training_config,
@@ -200,6 +201,8 @@ def run(
     finally:
         if started_ray:
             ray.shutdown()
+            # The embedded Ray's trial processes ran here, and the last ones may have ended inside a report.
+            remove_orphaned_staging_folders()
 
 
 def _run_search_runs(

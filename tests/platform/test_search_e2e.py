@@ -168,6 +168,34 @@ def test_diverged_trials_fail_and_search_goes_on(brats_subset: dict, tmp_path: P
     assert parents[0].data.metrics["trials_failed"] == len(failed)
 
 
+TWO_CONFIGURATION_SPACE = """
+dataset: brats
+parameters:
+  latent_dim: {type: power_of_two, low: 4, high: 8}
+constants:
+  model: ae
+  hidden_dim: 256
+  entropy_weight: 0.0
+  lr: 1.0e-3
+"""
+
+
+def test_exhausted_space_ends_search_early(brats_subset: dict, tmp_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(TWO_CONFIGURATION_SPACE)
+
+    completed = run_search_command(tmp_path, brats_subset, "--trials", "5", "--max-concurrent", "1", "--search-space", str(space))
+
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "Every one of the 2 configurations" in " ".join(completed.stderr.split())
+    client = _client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents, children = _search_runs(client)
+    assert sorted(child.data.params["latent_dim"] for child in children) == ["4", "8"]
+    assert all(child.info.status == "FINISHED" for child in children)
+    assert parents[0].info.status == "FINISHED"
+    assert len(client.search_model_versions("name = 'brats-flair'")) == 1
+
+
 def test_all_trials_failing_registers_nothing(brats_subset: dict, tmp_path: Path) -> None:
     space = tmp_path / "space.yaml"
     space.write_text(DIVERGING_SPACE.replace("[1.0e-3, 1.0e+12]", "[1.0e+12]"))

@@ -1,4 +1,4 @@
-"""Trial checkpoints: when a trial saves them, what they hold, and cleanup of their staging folders."""
+"""Trial checkpoints: when a trial saves them, what they contain, and cleanup of their staging folders."""
 
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def test_trial_checkpoint_schedule_and_weights(monkeypatch: pytest.MonkeyPatch, 
     run_trial(config, _tiny_trial_data(6, schedule, repeats=repeats))
 
     assert [report["epoch"] for report in recording.reports] == [1, 2, 3, 4, 5, 6]
-    # Epoch 1 always improves on no result; the stop epoch 2 saves it, the interval saves nothing.
+    # Epoch 1 always improves on no result, and stop epoch 2 saves it because the interval never passes.
     assert sorted(recording.checkpoints) == [2, 6]
     final = recording.reports[-1]
     weights, summary = load_best_weights(tune.Checkpoint.from_directory(recording.checkpoints[6]))
@@ -171,3 +171,14 @@ def test_shared_gpu_memory_cap(
     limit_gpu_memory(torch.device(device), fraction)
 
     assert calls == expected
+
+
+def test_freed_memory_trim_on_glibc() -> None:
+    import platform
+
+    from aeplat.platform.trainable import release_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is a glibc function")
+
+    assert release_freed_memory() is True
