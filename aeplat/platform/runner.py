@@ -112,10 +112,12 @@ class TolerantOptunaSearch(OptunaSearch):
     Every trial trains with the same seed, so a configuration trained again gives the same
     result. TPE proposes such repeats often in a small discrete space. When a proposal
     repeats a finished trial, the study receives that trial's value for it at once. When it
-    repeats a trial that is still running, the proposal is marked failed, which the sampler
-    ignores. Either way the sampler proposes again, up to MAX_REPEATED_PROPOSALS times. When
-    every configuration of a finite space (no float range) is finished or running, the searcher
-    reports that it is finished, and the search ends with fewer trials than requested.
+    repeats a trial that is still running or that failed, the proposal is marked failed, which
+    the sampler ignores. Either way the sampler proposes again, up to MAX_REPEATED_PROPOSALS
+    times. A failure that may not happen again, such as a lost node, is for Ray Tune's
+    --max-failures retries. When every configuration of a finite space (no float range) is
+    finished, failed or running, the searcher reports that it is finished, and the search ends
+    with fewer trials than requested.
 
     Ray Tune 2.60's OptunaSearch raises KeyError on a result without the optimized metric,
     which stops every trial. This searcher skips such a result. At completion a trial whose
@@ -133,7 +135,7 @@ class TolerantOptunaSearch(OptunaSearch):
         if size is not None and _tried_configurations(self._ot_study) >= size:
             self._settle_repeat(trial_id)
             logger.info(
-                "Every one of the %d configurations of the search space has been tried, so the search starts no more trials. "
+                "Every configuration of the search space (%d in all) has been tried, so the search starts no more trials. "
                 "Widen the space in a --search-space file to search further.",
                 size,
             )
@@ -166,18 +168,22 @@ class TolerantOptunaSearch(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
 
+# Optuna states of a trial whose configuration counts as tried. COMPLETE comes first, so a
+# repeat gets the value of a finished trial whenever one exists.
+_TRIED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL)
+
+
 def _tried_configurations(study: optuna.Study) -> int:
-    """Return the number of distinct parameter sets among the study's finished and running trials."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-    return len({tuple(sorted(trial.params.items())) for trial in study.get_trials(deepcopy=False, states=states)})
+    """Return the number of distinct parameter sets among the study's finished, running and failed trials."""
+    return len({tuple(sorted(trial.params.items())) for trial in study.get_trials(deepcopy=False, states=_TRIED_STATES)})
 
 
 def _earlier_trial_with_params(study: optuna.Study, number: int, params: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
-    """Return a finished or running trial of the study, other than number, with exactly these parameters."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-    for trial in study.get_trials(deepcopy=False, states=states):
-        if trial.number != number and trial.params == params:
-            return trial
+    """Return a finished, running or failed trial of the study, other than number, with exactly these parameters."""
+    for state in _TRIED_STATES:
+        for trial in study.get_trials(deepcopy=False, states=(state,)):
+            if trial.number != number and trial.params == params:
+                return trial
     return None
 
 
@@ -574,16 +580,6 @@ def _check_trial_fits(settings: SearchSettings, embedded: bool) -> None:
         if embedded:
             raise SearchError(f"{message} Lower {option}, or pass --ray-address of a cluster with larger nodes.")
         logger.warning("%s Trials wait until the autoscaler adds a node that is large enough.", message)
-
-    # The embedded Ray's trials run on this machine, so a missing CUDA device here fails every trial.
-    if embedded and settings.device == "cuda":
-        try:
-            resolve_device(settings.device)
-        except ValueError as error:
-            raise SearchError(
-                f"--device cuda, but this machine has no usable CUDA device ({error}). "
-                "Use --device auto or cpu, or pass --ray-address of a cluster with GPU nodes."
-            ) from None
 
 
 def _run_trials(

@@ -31,7 +31,7 @@ from aeplat.data.prepare import prepare_dataset
 from aeplat.platform import env
 from aeplat.platform.settings import SearchSettings, SettingsError
 from aeplat.platform.storage import materialize_data_dir
-from aeplat.search_spaces import SearchSpace, SearchSpaceError, load_search_space
+from aeplat.search_spaces import Parameter, SearchSpace, SearchSpaceError, load_search_space
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def run_search(settings: SearchSettings, console: Any = None) -> SearchOutcome:
     settings.validate()
     space = load_search_space(settings.dataset, settings.model_modality, settings.search_space)
     check_training_names(space)
+    check_training_values(space)
     if space.dataset != settings.dataset:
         logger.warning(
             "The search space %s is written for dataset %r, and this search runs on %r. Check --search-space.",
@@ -143,6 +144,7 @@ def run_search(settings: SearchSettings, console: Any = None) -> SearchOutcome:
     if not (settings.ray_address or env.ray_address_from_env()):
         env.bind_ray_to_loopback()
 
+    check_device(settings)
     tracking_uri = resolve_tracking_uri(settings)
     check_tracking_store(tracking_uri)
     check_storage_folder(settings.storage)
@@ -168,6 +170,57 @@ def check_training_names(space: SearchSpace) -> None:
         raise SearchSpaceError(
             f"{space.source}: unknown training settings {unknown}; valid names are {sorted(known)}. "
             "The seed comes from --seed."
+        )
+
+
+def check_training_values(space: SearchSpace) -> None:
+    """Reject a search space whose constants, choices or range ends fail TrainingConfig's checks.
+
+    Each parameter value is checked together with the constants, so a rule that links two
+    sampled parameters is checked only in the trials.
+    """
+    from aeplat.trainers import TrainingConfig
+
+    try:
+        TrainingConfig.from_mapping(dict(space.constants))
+    except ValueError as error:
+        raise SearchSpaceError(f"{space.source}: a constant is invalid: {error}. Fix it in the search space file.") from None
+
+    for parameter in space.parameters:
+        for value in _values_to_check(parameter):
+            try:
+                TrainingConfig.from_mapping({**space.constants, parameter.name: value})
+            except ValueError as error:
+                raise SearchSpaceError(
+                    f"{space.source}: parameter {parameter.name!r} can take the invalid value {value!r}: {error}. "
+                    "Fix its range or choices in the search space file."
+                ) from None
+
+
+def _values_to_check(parameter: Parameter) -> list[Any]:
+    """Return every choice of a categorical parameter, else the ends of its range (and 0 with include_zero)."""
+    if parameter.type == "categorical":
+        return list(parameter.choices)
+
+    values: list[Any] = [parameter.low, parameter.high]
+    if parameter.type in ("int", "power_of_two"):
+        values = [int(value) for value in values]
+    if parameter.include_zero:
+        values.append(0.0)
+    return values
+
+
+def check_device(settings: SearchSettings) -> None:
+    """Reject --device cuda before any data is read when the embedded Ray's trials would find no CUDA device here."""
+    if settings.device != "cuda" or settings.ray_address or env.ray_address_from_env():
+        return
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SettingsError(
+            "--device cuda, but torch finds no CUDA device on this machine. "
+            "Use --device auto or cpu, or pass --ray-address of a cluster with GPU nodes."
         )
 
 

@@ -99,3 +99,31 @@ def test_missing_space_file_names_path(tmp_path: Path) -> None:
 def test_unknown_dataset_lists_shipped_spaces() -> None:
     with pytest.raises(SearchSpaceError, match="brats"):
         load_search_space("mystery")
+
+
+def test_shipped_spaces_pass_value_checks() -> None:
+    from aeplat.platform.search import check_training_values
+
+    for name in available_spaces():
+        check_training_values(load_search_space(name))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("parameters: {latent_dim: {type: power_of_two, low: 2, high: 8}}\nconstants: {lr: -1.0}", "a constant is invalid: lr must be"),
+        ("parameters: {lr: {type: categorical, choices: [0.001, -1.0]}}", "parameter 'lr' can take the invalid value -1.0"),
+        ("parameters: {model: {type: categorical, choices: [ae, nope]}}", "parameter 'model' can take the invalid value 'nope'"),
+        ("parameters: {batch_size: {type: int, low: 0, high: 64}}", "parameter 'batch_size' can take the invalid value 0"),
+    ],
+)
+def test_invalid_training_values_rejected(text: str, expected: str) -> None:
+    from aeplat.platform.search import check_training_values
+
+    space = parse_search_space(f"dataset: brats\n{text}", source="space.yaml")
+
+    with pytest.raises(SearchSpaceError) as raised:
+        check_training_values(space)
+
+    assert expected in str(raised.value)
+    assert str(raised.value).startswith("space.yaml: ")

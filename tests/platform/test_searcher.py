@@ -85,9 +85,24 @@ def test_exhausted_space_ends_the_search(caplog: pytest.LogCaptureFixture) -> No
         config = searcher.suggest("trial-4")
 
     assert config == Searcher.FINISHED
-    assert "Every one of the 4 configurations" in caplog.text
+    assert "Every configuration of the search space (4 in all)" in caplog.text
     running = searcher._ot_study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     assert running == [], "the last repeated proposal stayed open in the study"
+
+
+def test_failed_configurations_are_not_proposed_again() -> None:
+    searcher = _searcher()
+    first = searcher.suggest("trial-0")
+    searcher.on_trial_complete("trial-0", None, error=True)
+
+    later = []
+    for number in range(1, 4):
+        later.append(searcher.suggest(f"trial-{number}")["latent_dim"])
+        _complete(searcher, f"trial-{number}", 0.6)
+
+    assert first["latent_dim"] not in later
+    assert sorted([first["latent_dim"], *later]) == [4, 8, 16, 32]
+    assert searcher.suggest("trial-4") == Searcher.FINISHED
 
 
 def test_running_configurations_count_as_tried() -> None:
