@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# A real search on the BraTS cases in $(BRATS_DIR): about 2 minutes on 2 CPU cores.
+# A real search on the BraTS cases in $(BRATS_DIR): 2 to 3 minutes on 2 CPU cores.
 demo: install
 	$(BIN)/aeplat search --dataset brats --data-dir $(BRATS_DIR) --modality flair \
 		--trials 12 --epochs 15 --grace-period 3 --max-concurrent 2
