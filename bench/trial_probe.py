@@ -91,25 +91,30 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
 
 def current_rss_mib() -> float | None:
     """Return the resident set size of this process in MiB (VmRSS), or None without /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return _status_mib("VmRSS")
 
 
 def peak_rss_mib() -> float:
     """Return the peak resident set size of this process in MiB (VmHWM on Linux, else ru_maxrss)."""
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
+
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_mib(field: str) -> float | None:
+    """Return a kB field of /proc/self/status in MiB, or None where the file or field is missing."""
+    try:
+        lines = Path("/proc/self/status").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return None
+
+    for line in lines:
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return None
 
 
 def _timed(function: Callable[..., Any], span: str, folder: Path, trial_id_from_arguments: bool = False) -> Callable[..., Any]:

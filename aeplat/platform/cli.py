@@ -64,10 +64,10 @@ def _add_search_options(parser: argparse.ArgumentParser) -> None:
     search.add_argument(
         "--checkpoint-interval",
         type=float,
-        default=30.0,
+        default=SearchSettings.checkpoint_interval,
         metavar="SECONDS",
         help=(
-            "seconds between a trial's periodic checkpoints; a trial also saves one after its last epoch and where ASHA "
+            "seconds between a trial's periodic checkpoints. A trial also saves one after its last epoch and where ASHA "
             "may stop it, and 0 saves one after every epoch (default: %(default)s)"
         ),
     )

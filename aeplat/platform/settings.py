@@ -48,7 +48,7 @@ class SearchSettings:
     s3_endpoint_url: str | None = None
     search_space: Path | None = None
     max_failures: int = 0
-    # Seconds between a trial's periodic checkpoints; see aeplat.platform.trainable.CheckpointSchedule.
+    # Seconds between a trial's periodic checkpoints (aeplat.platform.trainable.CheckpointSchedule).
     checkpoint_interval: float = 30.0
     device: str = "auto"
     repeats: int = 1

@@ -91,7 +91,7 @@ def _tiny_trial_data(epochs: int, schedule: Any, repeats: int = 1) -> Any:
 
 
 class _RecordingTune:
-    """Stands in for ray.tune in aeplat.platform.trainable: keeps every report and a copy of every checkpoint."""
+    """Stand-in for ray.tune in aeplat.platform.trainable that keeps every report and a copy of every checkpoint."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
